@@ -1,0 +1,369 @@
+"""In-memory aggregate state: batch ingest, rows, merges. Pure, no I/O.
+
+State is keyed by ``(hour_ms, metric, dimension_type, dimension_value)``; the global slice
+has both dimension fields ``None``. Each key holds an :class:`Agg`: count, and for "full"
+metrics the exact sum, min, max, a multiset fingerprint and a quantile sketch.
+
+Ingest is vectorised per (metric, slice): the batch's values are grouped by key with one
+sort, count/min/max/fingerprint come from ``reduceat`` over all groups at once, and each key
+gets one sketch update with its group's values.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sketches import Kind, Sketch, SketchError
+
+from . import exact
+from .buckets import HOUR_MS, Granularity, bucket_start_ms
+from .catalogue import METRICS_BY_KIND, METRICS_BY_NAME, OVERFLOW_VALUE, Metric
+from .errors import StateError
+from .events import Event
+
+Key = tuple[int, str, str | None, str | None]  # (bucket start ms, metric, dimension type, value)
+QUANTILE_RANKS = (0.5, 0.95, 0.99)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One row of ``observability.metrics_aggregates``, less revision and updated_at."""
+
+    bucket_ms: int
+    granularity: Granularity
+    metric_name: str
+    dimension_type: str | None
+    dimension_value: str | None
+    count: int
+    sum_value: float | None = None
+    min_value: float | None = None
+    max_value: float | None = None
+    avg_value: float | None = None
+    p50_value: float | None = None
+    p95_value: float | None = None
+    p99_value: float | None = None
+    sketch: bytes | None = None
+    sketch_kind: str | None = None
+    fingerprint: int | None = None  # unsigned 64-bit multiset fingerprint of the values
+
+    @property
+    def key(self) -> Key:
+        return (self.bucket_ms, self.metric_name, self.dimension_type, self.dimension_value)
+
+
+class Agg:
+    """Running statistics of one key. Count metrics use ``count`` only (``sketch`` is None)."""
+
+    __slots__ = ("count", "total", "min", "max", "fingerprint", "sketch")
+
+    def __init__(self, kind: Kind | None) -> None:
+        self.count = 0
+        self.total: exact.ExactSum = exact.ZERO
+        self.min = float("inf")
+        self.max = float("-inf")
+        self.fingerprint = 0
+        self.sketch = Sketch(kind) if kind is not None else None
+
+    @property
+    def is_full(self) -> bool:
+        return self.sketch is not None
+
+    def add_group(self, count: int, values: list[float], vmin: float, vmax: float, fp: int, array: np.ndarray) -> None:
+        """Fold one batch group in: its count, its values (list and array) and their reductions."""
+        self.count += count
+        if self.sketch is None:
+            return
+        self.total = exact.add(self.total, values)
+        self.min = min(self.min, vmin)
+        self.max = max(self.max, vmax)
+        self.fingerprint = exact.combine_fingerprints(self.fingerprint, fp)
+        self.sketch.update_many(array)
+
+    def merge(self, other: Agg) -> None:
+        if (self.sketch is None) != (other.sketch is None):
+            raise StateError("cannot merge a count aggregate with a full one")
+        self.count += other.count
+        if self.sketch is None or other.sketch is None:
+            return
+        self.total = exact.add(self.total, other.total)
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.fingerprint = exact.combine_fingerprints(self.fingerprint, other.fingerprint)
+        try:
+            self.sketch.merge(other.sketch)
+        except SketchError as exc:
+            raise StateError(f"cannot merge aggregates: {exc}") from exc
+
+    def to_row(self, key: Key, granularity: Granularity) -> Row:
+        bucket_ms, metric, dimension_type, dimension_value = key
+        if self.sketch is None:
+            return Row(bucket_ms, granularity, metric, dimension_type, dimension_value, self.count)
+        total = exact.rounded(self.total)
+        p50, p95, p99 = self.sketch.quantiles(QUANTILE_RANKS)
+        return Row(
+            bucket_ms,
+            granularity,
+            metric,
+            dimension_type,
+            dimension_value,
+            self.count,
+            sum_value=total,
+            min_value=self.min,
+            max_value=self.max,
+            avg_value=total / self.count,
+            p50_value=p50,
+            p95_value=p95,
+            p99_value=p99,
+            sketch=self.sketch.serialize(),
+            sketch_kind=str(self.sketch.kind),
+            fingerprint=self.fingerprint,
+        )
+
+    @classmethod
+    def from_row(cls, row: Row) -> Agg:
+        """An aggregate equivalent to a stored row (for roll-ups and range queries)."""
+        if row.sketch is None or row.sketch_kind is None:
+            agg = cls(None)
+            agg.count = row.count
+            return agg
+        agg = cls.__new__(cls)
+        agg.count = row.count
+        agg.total = exact.exact_sum([row.sum_value or 0.0])
+        agg.min = row.min_value if row.min_value is not None else float("inf")
+        agg.max = row.max_value if row.max_value is not None else float("-inf")
+        agg.fingerprint = row.fingerprint or 0
+        try:
+            agg.sketch = Sketch.deserialize(row.sketch_kind, row.sketch)
+        except SketchError as exc:
+            raise StateError(f"row {row.key} has an unreadable sketch: {exc}") from exc
+        return agg
+
+    # -- checkpoint bytes ----------------------------------------------------------------------
+    # Layout (little-endian), version 1:
+    #   0  u8   version (1)
+    #   1  u8   flags: bit 0 = full aggregate (the fields below the count follow)
+    #   2  u64  count
+    # full aggregates only:
+    #  10  f64  min
+    #  18  f64  max
+    #  26  u64  fingerprint
+    #  34  u8   number of exact-sum parts P
+    #  35  u8   length of the sketch kind text L
+    #  36  P * f64 exact-sum parts, then L bytes of ASCII kind, then the sketch's DataSketches bytes
+    _HEAD = struct.Struct("<BBQ")
+    _FULL = struct.Struct("<ddQBB")
+    _VERSION = 1
+
+    def encode(self) -> bytes:
+        if self.sketch is None:
+            return self._HEAD.pack(self._VERSION, 0, self.count)
+        kind = str(self.sketch.kind).encode("ascii")
+        return b"".join(
+            (
+                self._HEAD.pack(self._VERSION, 1, self.count),
+                self._FULL.pack(self.min, self.max, self.fingerprint, len(self.total), len(kind)),
+                struct.pack(f"<{len(self.total)}d", *self.total),
+                kind,
+                self.sketch.serialize(),
+            )
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Agg:
+        try:
+            version, flags, count = cls._HEAD.unpack_from(data, 0)
+            if version != cls._VERSION:
+                raise StateError(f"aggregate bytes of unknown version {version}")
+            agg = cls.__new__(cls)
+            agg.count = count
+            if not flags & 1:
+                agg.total, agg.min, agg.max, agg.fingerprint, agg.sketch = exact.ZERO, float("inf"), float("-inf"), 0, None
+                if len(data) != cls._HEAD.size:
+                    raise StateError(f"count aggregate of {len(data)} bytes, expected {cls._HEAD.size}")
+                return agg
+            offset = cls._HEAD.size
+            agg.min, agg.max, agg.fingerprint, n_parts, kind_len = cls._FULL.unpack_from(data, offset)
+            offset += cls._FULL.size
+            agg.total = struct.unpack_from(f"<{n_parts}d", data, offset)
+            offset += 8 * n_parts
+            kind = bytes(data[offset : offset + kind_len]).decode("ascii")
+            offset += kind_len
+            agg.sketch = Sketch.deserialize(kind, bytes(data[offset:]))
+        except (struct.error, UnicodeDecodeError, SketchError) as exc:
+            raise StateError(f"corrupt aggregate bytes: {exc}") from exc
+        if agg.sketch.n != agg.count:
+            raise StateError(f"corrupt aggregate bytes: count {agg.count} but sketch holds {agg.sketch.n}")
+        return agg
+
+
+class AggregateState:
+    """Hour aggregates of every (metric, slice), fed with batches of validated events.
+
+    ``sketch_kinds`` names the sketch kind of each full metric. Past ``max_series_per_dimension``
+    distinct values in one (hour, metric, dimension type), new values go to ``__overflow__``.
+    Keys touched since the last :meth:`take_dirty` are reported by it.
+    """
+
+    def __init__(self, sketch_kinds: Mapping[str, Kind], max_series_per_dimension: int) -> None:
+        missing = [m.name for m in METRICS_BY_NAME.values() if m.is_full and m.name not in sketch_kinds]
+        if missing:
+            raise StateError(f"no sketch kind for {', '.join(missing)}")
+        self._kinds = dict(sketch_kinds)
+        self._max_series = max_series_per_dimension
+        self._aggs: dict[Key, Agg] = {}
+        self._series: defaultdict[tuple[int, str, str], int] = defaultdict(int)
+        self._dirty: set[Key] = set()
+
+    def __len__(self) -> int:
+        return len(self._aggs)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._aggs
+
+    def __getitem__(self, key: Key) -> Agg:
+        return self._aggs[key]
+
+    def keys(self) -> Iterable[Key]:
+        return self._aggs.keys()
+
+    def items(self) -> Iterable[tuple[Key, Agg]]:
+        return self._aggs.items()
+
+    # -- ingest --------------------------------------------------------------------------------
+    def ingest(self, events: Sequence[Event]) -> None:
+        """Fold a batch of events (any kinds, any hours) into the state."""
+        by_kind: defaultdict[str, list[Event]] = defaultdict(list)
+        for event in events:
+            by_kind[event.kind].append(event)
+        for kind, batch in by_kind.items():
+            hours = [event.time_ms // HOUR_MS * HOUR_MS for event in batch]
+            for metric in METRICS_BY_KIND[kind]:  # type: ignore[index]
+                picked = [i for i, event in enumerate(batch) if metric.select(event.fields)]
+                if picked:
+                    self._ingest_metric(metric, [batch[i].fields for i in picked], [hours[i] for i in picked])
+
+    def _ingest_metric(self, metric: Metric, fields: list[Mapping], hours: list[int]) -> None:
+        values = None
+        if metric.is_full:
+            assert metric.value is not None
+            values = np.array([metric.value(f) for f in fields], dtype=np.float64) + 0.0  # -0.0 -> 0.0
+        for dimension_type in metric.dimension_types:
+            if dimension_type is None:
+                group_keys: list[tuple[int, str | None]] = [(hour, None) for hour in hours]
+                rows = None
+            else:
+                rows = [i for i, f in enumerate(fields) if dimension_type in f]
+                if not rows:
+                    continue
+                group_keys = [(hours[i], fields[i][dimension_type]) for i in rows]
+            slice_values = values if rows is None or values is None else values[rows]
+            self._apply_groups(metric, dimension_type, group_keys, slice_values)
+
+    def _apply_groups(
+        self,
+        metric: Metric,
+        dimension_type: str | None,
+        group_keys: list[tuple[int, str | None]],
+        values: np.ndarray | None,
+    ) -> None:
+        index: dict[tuple[int, str | None], int] = {}
+        ids = np.fromiter((index.setdefault(k, len(index)) for k in group_keys), dtype=np.int64, count=len(group_keys))
+        aggs = [self._agg_for(metric, hour, dimension_type, value) for hour, value in index]
+        if values is None:
+            for agg, count in zip(aggs, np.bincount(ids, minlength=len(aggs)).tolist(), strict=True):
+                agg.count += count
+            return
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        sorted_values = values[order]
+        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+        ends = np.r_[starts[1:], len(sorted_ids)]
+        mins = np.minimum.reduceat(sorted_values, starts).tolist()
+        maxs = np.maximum.reduceat(sorted_values, starts).tolist()
+        fps = np.add.reduceat(exact.fingerprints(sorted_values), starts).tolist()
+        as_list = sorted_values.tolist()
+        group_ids = sorted_ids[starts].tolist()
+        for g, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            agg = aggs[group_ids[g]]
+            agg.add_group(end - start, as_list[start:end], mins[g], maxs[g], fps[g], sorted_values[start:end])
+
+    def _agg_for(self, metric: Metric, hour: int, dimension_type: str | None, value: str | None) -> Agg:
+        key = (hour, metric.name, dimension_type, value)
+        agg = self._aggs.get(key)
+        if agg is None:
+            if dimension_type is not None and value != OVERFLOW_VALUE:
+                series = (hour, metric.name, dimension_type)
+                if self._series[series] >= self._max_series:
+                    return self._agg_for(metric, hour, dimension_type, OVERFLOW_VALUE)
+                self._series[series] += 1
+            agg = self._aggs[key] = Agg(self._kinds[metric.name] if metric.is_full else None)
+        self._dirty.add(key)
+        return agg
+
+    # -- state management ------------------------------------------------------------------------
+    def take_dirty(self) -> set[Key]:
+        """Keys changed since the previous call."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    def put(self, key: Key, agg: Agg) -> None:
+        """Install an aggregate (restored from a checkpoint); merges if the key exists."""
+        existing = self._aggs.get(key)
+        if existing is None:
+            self._aggs[key] = agg
+            if key[2] is not None and key[3] != OVERFLOW_VALUE:
+                self._series[(key[0], key[1], key[2])] += 1
+        else:
+            existing.merge(agg)
+        self._dirty.add(key)
+
+    def merge(self, other: AggregateState) -> None:
+        """Fold another state (e.g. another partition's) into this one."""
+        for key, agg in other.items():
+            self.put(key, agg)
+
+    def pop_hours(self, hours: Iterable[int]) -> dict[Key, Agg]:
+        """Remove and return every aggregate of the given hours (evicting closed state)."""
+        wanted = set(hours)
+        taken = {key: agg for key, agg in self._aggs.items() if key[0] in wanted}
+        for key in taken:
+            del self._aggs[key]
+            self._dirty.discard(key)
+        for series in [s for s in self._series if s[0] in wanted]:
+            del self._series[series]
+        return taken
+
+    def hours(self) -> set[int]:
+        return {key[0] for key in self._aggs}
+
+    def rows(self, keys: Iterable[Key] | None = None) -> list[Row]:
+        """Hour rows of the given keys (all keys when None), sorted by key."""
+        chosen = self._aggs.keys() if keys is None else keys
+        return [self._aggs[key].to_row(key, "hour") for key in sorted(chosen, key=_sort_key)]
+
+
+def _sort_key(key: Key) -> tuple:
+    bucket, metric, dimension_type, value = key
+    return (bucket, metric, dimension_type or "", value or "")
+
+
+def roll_up(rows: Iterable[Row], granularity: Granularity) -> list[Row]:
+    """Day or week rows from hour rows (or days into weeks): merge sketches, add counts and sums.
+
+    Rows of different sketch kinds for one key raise :class:`StateError`; they never merge.
+    """
+    merged: dict[Key, Agg] = {}
+    for row in rows:
+        key = (bucket_start_ms(row.bucket_ms, granularity), row.metric_name, row.dimension_type, row.dimension_value)
+        agg = Agg.from_row(row)
+        if key in merged:
+            merged[key].merge(agg)
+        else:
+            merged[key] = agg
+    return [merged[key].to_row(key, granularity) for key in sorted(merged, key=_sort_key)]
+

@@ -1,0 +1,127 @@
+"""Command line: arguments -> Settings -> the pieces. stdout carries results, stderr the rest.
+
+Every setting of :class:`~streamagg.settings.Settings` is also a flag of the same name
+(``STREAMAGG_PARTITIONS`` <-> ``--partitions``) that overrides the environment.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .errors import StreamaggError
+from .settings import Settings, load_settings
+
+log = logging.getLogger("streamagg")
+
+
+def _settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one ``--flag`` per setting; the command receives ``settings`` built from env + flags."""
+    names = list(Settings.model_fields)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        overrides = {name: kwargs.pop(name) for name in names}
+        return func(*args, settings=load_settings(overrides), **kwargs)
+
+    for name in reversed(names):
+        field = Settings.model_fields[name]
+        wrapper = click.option(
+            f"--{name.replace('_', '-')}",
+            name,
+            default=None,
+            metavar="VALUE",
+            help=f"{field.description} [env STREAMAGG_{name.upper()}]",
+        )(wrapper)
+    return wrapper
+
+
+def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn streamagg's own errors into one line on stderr and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except StreamaggError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="debug output of streamagg on stderr (-vv: of the libraries too)")
+@click.option("-q", "--quiet", is_flag=True, help="warnings and errors only on stderr")
+def main(verbose: int, quiet: bool) -> None:
+    """streamagg: streaming, incremental aggregation of observability telemetry.
+
+    Consumes trace, span, document and chat events from Kafka, keeps count/sum/min/max and
+    mergeable quantile sketches per (hour, metric, dimension), and writes them to PostgreSQL's
+    observability.metrics_aggregates. Settings come from STREAMAGG_* variables or the flags
+    of the same name.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 2 else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    own_level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.getLogger("streamagg").setLevel(own_level)
+
+
+@main.group()
+def stack() -> None:
+    """A local Kafka (KRaft, from Maven Central) and PostgreSQL on loopback, for development."""
+
+
+@stack.command("up")
+@click.option("--kafka-port", type=int, default=None, help="broker port (default 9092 if free, else any free port)")
+@click.option("--postgres-port", type=int, default=None, help="PostgreSQL port (default 5432 if free, else any)")
+@_settings_options
+@_fail_cleanly
+def stack_up(settings: Settings, kafka_port: int | None, postgres_port: int | None) -> None:
+    """Start the stack (idempotent) and print the export lines:  eval "$(streamagg stack up)" """
+    from .stack import Stack
+
+    info = Stack(settings.stack_dir, settings.cache_dir).up(kafka_port, postgres_port)
+    click.echo(info.exports(), nl=False)
+
+
+@stack.command("down")
+@_settings_options
+@_fail_cleanly
+def stack_down(settings: Settings) -> None:
+    """Stop the stack and remove its data; no process is left behind."""
+    from .stack import Stack
+
+    Stack(settings.stack_dir, settings.cache_dir).down()
+
+
+@stack.command("status")
+@_settings_options
+@_fail_cleanly
+def stack_status(settings: Settings) -> None:
+    """Report whether Kafka and PostgreSQL run and where (JSON on stdout; exit 3 if not both)."""
+    from .stack import Stack
+
+    status = Stack(settings.stack_dir, settings.cache_dir).status()
+    click.echo(json.dumps(status, indent=2))
+    if not all(component["running"] for component in status.values()):
+        sys.exit(3)
+
+
+@stack.command("check")
+@_settings_options
+@_fail_cleanly
+def stack_check(settings: Settings) -> None:
+    """Smoke check: a record through Kafka and a query through PostgreSQL, at the configured addresses."""
+    from .smoke import smoke_check
+
+    for line in smoke_check(settings):
+        click.echo(line)

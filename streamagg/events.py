@@ -1,0 +1,206 @@
+"""Decoding and validation of the four event kinds (CONTRACT section 2). Pure, no I/O.
+
+:func:`decode` turns one message value into an :class:`Event` or raises :class:`Rejected`
+carrying one :class:`Reason` of a fixed set. A rejected message goes unchanged to the dead
+letter topic; it never reaches an aggregate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Final, Literal
+
+from .buckets import to_ms
+from .errors import StreamaggError
+
+EventKind = Literal["traces", "spans", "document_events", "chat_messages"]
+EVENT_KINDS: Final[tuple[EventKind, ...]] = ("traces", "spans", "document_events", "chat_messages")
+
+MAX_DIMENSION_LENGTH: Final = 256
+# The range of datetime (years 1..9999), which PostgreSQL's timestamptz also covers.
+_MIN_EPOCH_MS: Final = -62_135_596_800_000
+_MAX_EPOCH_MS: Final = 253_402_300_799_999
+
+
+class Reason(StrEnum):
+    """Why a message was sent to the dead letter topic. The values are the ``reason`` header."""
+
+    INVALID_JSON = "invalid_json"  # not UTF-8, or not JSON
+    NOT_AN_OBJECT = "not_an_object"  # JSON, but not an object
+    MISSING_FIELD = "missing_field"  # a required field is absent or null
+    WRONG_TYPE = "wrong_type"  # a field has the wrong JSON type
+    INVALID_NUMBER = "invalid_number"  # a number is NaN, infinite or negative
+    INVALID_TIMESTAMP = "invalid_timestamp"  # a timestamp cannot be parsed or is out of range
+    VALUE_TOO_LONG = "value_too_long"  # a dimension value longer than 256 characters
+    TOO_LATE = "too_late"  # older than the watermark minus the maximum lateness
+
+
+class Rejected(StreamaggError):
+    """A message that cannot be aggregated; ``reason`` goes into the dead letter header."""
+
+    retriable = False
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# Field types: "id" (string or integer, never aggregated), "dim" (dimension value: string or
+# integer, stored as text, at most 256 characters), "str", "num" (finite, >= 0), "time".
+FieldType = Literal["id", "dim", "str", "num", "time"]
+
+
+@dataclass(frozen=True, slots=True)
+class Schema:
+    kind: EventKind
+    time_field: str
+    required: tuple[tuple[str, FieldType], ...]
+    optional: tuple[tuple[str, FieldType], ...]
+
+
+SCHEMAS: Final[dict[EventKind, Schema]] = {
+    "traces": Schema(
+        "traces",
+        "started_at",
+        required=(
+            ("trace_id", "id"),
+            ("operation_type", "dim"),
+            ("started_at", "time"),
+            ("duration_ms", "num"),
+            ("status", "str"),
+        ),
+        optional=(("user_id", "dim"), ("kb_id", "dim"), ("total_tokens", "num"), ("cost_usd", "num")),
+    ),
+    "spans": Schema(
+        "spans",
+        "started_at",
+        required=(
+            ("span_id", "id"),
+            ("trace_id", "id"),
+            ("span_type", "str"),
+            ("started_at", "time"),
+            ("duration_ms", "num"),
+        ),
+        optional=(
+            ("model", "dim"),
+            ("prompt_tokens", "num"),
+            ("completion_tokens", "num"),
+            ("user_id", "dim"),
+            ("kb_id", "dim"),
+            ("status", "str"),
+        ),
+    ),
+    "document_events": Schema(
+        "document_events",
+        "created_at",
+        required=(("document_id", "id"), ("event_type", "dim"), ("created_at", "time")),
+        optional=(("duration_ms", "num"), ("kb_id", "dim"), ("user_id", "dim"), ("status", "str")),
+    ),
+    "chat_messages": Schema(
+        "chat_messages",
+        "created_at",
+        required=(("message_id", "id"), ("kb_id", "dim"), ("created_at", "time")),
+        optional=(("response_time_ms", "num"), ("user_id", "dim"), ("role", "str")),
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated event: its kind, event time and normalised fields.
+
+    ``fields`` holds every known field that is present and not null: dimensions as ``str``,
+    numbers as ``int``/``float``, timestamps as epoch milliseconds. Unknown fields are dropped.
+    """
+
+    kind: EventKind
+    time_ms: int
+    fields: dict[str, Any]
+
+
+def decode(kind: EventKind, raw: bytes | str) -> Event:
+    """Parse and validate one message value of topic ``kind``."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray | memoryview) else raw
+        obj = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise Rejected(Reason.INVALID_JSON, str(exc)) from exc
+    return validate(kind, obj)
+
+
+def validate(kind: EventKind, obj: object) -> Event:
+    """Validate an already parsed JSON value (the generator and tests build objects directly)."""
+    if not isinstance(obj, dict):
+        raise Rejected(Reason.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
+    schema = SCHEMAS[kind]
+    fields: dict[str, Any] = {}
+    for name, ftype in schema.required:
+        value = obj.get(name)
+        if value is None:
+            raise Rejected(Reason.MISSING_FIELD, f"{kind} event has no {name!r}")
+        fields[name] = _check(name, ftype, value)
+    for name, ftype in schema.optional:
+        value = obj.get(name)
+        if value is not None:
+            fields[name] = _check(name, ftype, value)
+    return Event(kind, fields[schema.time_field], fields)
+
+
+def _check(name: str, ftype: FieldType, value: object) -> Any:
+    if ftype == "num":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise Rejected(Reason.WRONG_TYPE, f"{name!r} must be a number, got {_json_type(value)}")
+        if not math.isfinite(value) or value < 0:
+            raise Rejected(Reason.INVALID_NUMBER, f"{name!r} must be finite and >= 0, got {value!r}")
+        return value
+    if ftype == "dim" or ftype == "id":
+        if isinstance(value, str):
+            text = value
+        elif isinstance(value, int) and not isinstance(value, bool):
+            text = str(value)
+        else:
+            raise Rejected(Reason.WRONG_TYPE, f"{name!r} must be a string or an integer, got {_json_type(value)}")
+        if ftype == "dim" and len(text) > MAX_DIMENSION_LENGTH:
+            raise Rejected(
+                Reason.VALUE_TOO_LONG, f"{name!r} has {len(text)} characters, more than {MAX_DIMENSION_LENGTH}"
+            )
+        return text
+    if ftype == "str":
+        if not isinstance(value, str):
+            raise Rejected(Reason.WRONG_TYPE, f"{name!r} must be a string, got {_json_type(value)}")
+        return value
+    return parse_timestamp(name, value)
+
+
+def parse_timestamp(name: str, value: object) -> int:
+    """RFC 3339 text (no offset means UTC) or integer epoch milliseconds -> epoch milliseconds."""
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.upper())
+        except ValueError as exc:
+            raise Rejected(Reason.INVALID_TIMESTAMP, f"{name!r}: {value[:64]!r} is not RFC 3339") from exc
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        try:
+            return to_ms(moment)
+        except OverflowError as exc:  # an offset pushing year 1 or 9999 out of range
+            raise Rejected(Reason.INVALID_TIMESTAMP, f"{name!r}: {value[:64]!r} is out of range") from exc
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not _MIN_EPOCH_MS <= value <= _MAX_EPOCH_MS:
+            raise Rejected(Reason.INVALID_TIMESTAMP, f"{name!r}: epoch milliseconds {value} out of range")
+        return value
+    raise Rejected(
+        Reason.WRONG_TYPE, f"{name!r} must be an RFC 3339 string or integer epoch milliseconds, got {_json_type(value)}"
+    )
+
+
+def _json_type(value: object) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )
+

@@ -1,0 +1,134 @@
+"""The one Settings object (CONTRACT section 1): the only reader of the environment.
+
+Values come from ``STREAMAGG_*`` variables; a CLI flag of the same name overrides them (the
+CLI passes its flags as keyword arguments). Unknown ``STREAMAGG_*`` variables and malformed
+values fail at start with a message naming the variable. The DSN is a ``SecretStr`` and only
+:meth:`Settings.redacted_dsn` is ever logged.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sketches import Kind, SketchKindError
+
+from .catalogue import METRICS, METRICS_BY_NAME
+from .errors import ConfigError
+
+ENV_PREFIX = "STREAMAGG_"
+
+
+def _default_stack_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"streamagg-stack-{os.getuid()}"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "streamagg"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", case_sensitive=False)
+
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma separated")
+    database_url: SecretStr = Field(
+        SecretStr("postgresql://postgres@127.0.0.1:5432/streamagg"), description="PostgreSQL DSN (asyncpg)"
+    )
+    topic_prefix: str = Field("telemetry.", description="prefix of every topic")
+    app_id: str = Field("streamagg", min_length=1, description="Faust app id = consumer group")
+    partitions: int = Field(8, ge=1, le=1024, description="partitions of the source topics when the worker creates them")
+    grace_seconds: int = Field(300, ge=0, description="an hour closes once the watermark passes hour end + grace")
+    max_lateness_seconds: int = Field(172800, ge=0, description="how long a closed hour still accepts late events")
+    flush_interval_seconds: float = Field(10.0, gt=0, description="how often dirty closed buckets are written")
+    metrics_host: str = Field("127.0.0.1", description="Prometheus /metrics host")
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port")
+    max_series_per_dimension: int = Field(
+        10000, ge=1, description="distinct values per (hour, metric, dimension type) before __overflow__"
+    )
+    sketch_kind: str = Field("req-hra-k24", description="default quantile sketch kind of full metrics")
+    sketch_kinds: dict[str, str] = Field(
+        default_factory=dict, description='per-metric sketch kinds, JSON, e.g. {"trace.tokens": "kll-k200"}'
+    )
+    stack_dir: Path = Field(default_factory=_default_stack_dir, description="state of `streamagg stack` (throwaway)")
+    cache_dir: Path = Field(default_factory=_default_cache_dir, description="cache of the Kafka jars from Maven Central")
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"{server!r} is not host:port")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _dsn(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("sketch_kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        try:
+            return str(Kind.parse(value))
+        except SketchKindError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @field_validator("sketch_kinds")
+    @classmethod
+    def _kinds(cls, value: dict[str, str]) -> dict[str, str]:
+        for metric, kind in value.items():
+            if metric not in METRICS_BY_NAME or not METRICS_BY_NAME[metric].is_full:
+                raise ValueError(f"{metric!r} is not a full metric of the catalogue")
+            try:
+                Kind.parse(kind)
+            except SketchKindError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+    # -- derived ----------------------------------------------------------------------------
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def metric_sketch_kinds(self) -> dict[str, Kind]:
+        """The sketch kind of every full metric: its override, or the default."""
+        return {m.name: Kind.parse(self.sketch_kinds.get(m.name, self.sketch_kind)) for m in METRICS if m.is_full}
+
+    def redacted_dsn(self) -> str:
+        return redact_dsn(self.database_url.get_secret_value())
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its password replaced by ``***`` (safe for logs and error messages)."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build Settings from the environment plus explicit overrides; a clear ConfigError otherwise."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    unknown = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX) and name.upper() not in known)
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]}; known settings: {', '.join(sorted(known))}")
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        # Not chained: pydantic's own message quotes the input, which may hold the DSN's password.
+        raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {first['msg']}") from None

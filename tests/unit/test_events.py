@@ -1,0 +1,131 @@
+"""Decoding and validation: every rejection reason, timestamps, normalisation."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from streamagg.events import Reason, Rejected, decode, validate
+
+TRACE = {
+    "trace_id": "t1",
+    "operation_type": "chat",
+    "started_at": "2026-11-26T13:00:00Z",
+    "duration_ms": 12.5,
+    "status": "success",
+}
+
+
+def ms(*args: int) -> int:
+    return int(datetime(*args, tzinfo=UTC).timestamp() * 1000)
+
+
+def reason_of(kind: str, raw: bytes | str) -> Reason:
+    with pytest.raises(Rejected) as info:
+        decode(kind, raw)  # type: ignore[arg-type]
+    return info.value.reason
+
+
+def test_valid_trace_is_normalised() -> None:
+    event = decode("traces", json.dumps({**TRACE, "kb_id": 7, "user_id": None, "extra": [1]}).encode())
+    assert event.kind == "traces"
+    assert event.time_ms == ms(2026, 11, 26, 13)
+    assert event.fields["kb_id"] == "7"  # integer dimension values are stored as text
+    assert "user_id" not in event.fields  # null means missing
+    assert "extra" not in event.fields  # unknown fields are ignored
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\xff\xfe not utf-8", Reason.INVALID_JSON),
+        (b"{not json", Reason.INVALID_JSON),
+        (b"[1, 2]", Reason.NOT_AN_OBJECT),
+        (b'"text"', Reason.NOT_AN_OBJECT),
+        (json.dumps({k: v for k, v in TRACE.items() if k != "status"}), Reason.MISSING_FIELD),
+        (json.dumps({**TRACE, "trace_id": None}), Reason.MISSING_FIELD),
+        (json.dumps({**TRACE, "duration_ms": "12"}), Reason.WRONG_TYPE),
+        (json.dumps({**TRACE, "duration_ms": True}), Reason.WRONG_TYPE),
+        (json.dumps({**TRACE, "status": 1}), Reason.WRONG_TYPE),
+        (json.dumps({**TRACE, "operation_type": 1.5}), Reason.WRONG_TYPE),
+        (json.dumps({**TRACE, "operation_type": {"a": 1}}), Reason.WRONG_TYPE),
+        (json.dumps({**TRACE, "started_at": 1.5e12}), Reason.WRONG_TYPE),
+        (json.dumps({**TRACE, "duration_ms": -1}), Reason.INVALID_NUMBER),
+        ('{"trace_id":"t","operation_type":"c","started_at":0,"duration_ms":NaN,"status":"s"}', Reason.INVALID_NUMBER),
+        ('{"trace_id":"t","operation_type":"c","started_at":0,"duration_ms":Infinity,"status":"s"}', Reason.INVALID_NUMBER),
+        ('{"trace_id":"t","operation_type":"c","started_at":0,"duration_ms":1e999,"status":"s"}', Reason.INVALID_NUMBER),
+        (json.dumps({**TRACE, "cost_usd": -0.5}), Reason.INVALID_NUMBER),
+        (json.dumps({**TRACE, "started_at": "yesterday"}), Reason.INVALID_TIMESTAMP),
+        (json.dumps({**TRACE, "started_at": "2026-13-01T00:00:00Z"}), Reason.INVALID_TIMESTAMP),
+        (json.dumps({**TRACE, "started_at": 10**17}), Reason.INVALID_TIMESTAMP),
+        (json.dumps({**TRACE, "operation_type": "x" * 257}), Reason.VALUE_TOO_LONG),
+        (json.dumps({**TRACE, "user_id": "u" * 257}), Reason.VALUE_TOO_LONG),
+    ],
+)
+def test_rejection_reasons(raw: bytes | str, reason: Reason) -> None:
+    assert reason_of("traces", raw) is reason
+
+
+def test_dimension_of_exactly_256_characters_is_accepted() -> None:
+    assert validate("traces", {**TRACE, "user_id": "u" * 256}).fields["user_id"] == "u" * 256
+
+
+def test_ids_are_not_length_limited() -> None:
+    assert validate("traces", {**TRACE, "trace_id": "t" * 1000}).fields["trace_id"] == "t" * 1000
+
+
+@pytest.mark.parametrize(
+    ("kind", "event"),
+    [
+        ("spans", {"span_id": 1, "trace_id": "t", "span_type": "llm", "started_at": 0, "duration_ms": 0}),
+        ("document_events", {"document_id": "d", "event_type": "parsed", "created_at": 0}),
+        ("chat_messages", {"message_id": "m", "kb_id": "kb", "created_at": 0}),
+    ],
+)
+def test_every_kind_needs_each_required_field(kind: str, event: dict) -> None:
+    assert validate(kind, event).time_ms == 0  # type: ignore[arg-type]
+    for name in event:
+        with pytest.raises(Rejected) as info:
+            validate(kind, {k: v for k, v in event.items() if k != name})  # type: ignore[arg-type]
+        assert info.value.reason is Reason.MISSING_FIELD
+
+
+@pytest.mark.parametrize(
+    ("stamp", "expected"),
+    [
+        ("2026-11-26T13:00:00Z", ms(2026, 11, 26, 13)),
+        ("2026-11-26t13:00:00z", ms(2026, 11, 26, 13)),
+        ("2026-11-26T13:00:00", ms(2026, 11, 26, 13)),  # naive means UTC
+        ("2026-11-26 13:00:00.1234567+00:00", ms(2026, 11, 26, 13) + 123),  # floor to the millisecond
+        ("2026-11-26T15:30:00+02:30", ms(2026, 11, 26, 13)),
+        ("2026-11-26T08:00:00-05:00", ms(2026, 11, 26, 13)),
+        ("2026-11-27T00:30:00+01:00", ms(2026, 11, 26, 23, 30)),  # offset moves it to the previous day
+        (ms(2026, 11, 26, 13), ms(2026, 11, 26, 13)),
+        (0, 0),
+        (-1, -1),  # before the epoch still buckets correctly
+    ],
+)
+def test_timestamps(stamp: str | int, expected: int) -> None:
+    assert validate("traces", {**TRACE, "started_at": stamp}).time_ms == expected
+
+
+def test_rejection_carries_detail() -> None:
+    with pytest.raises(Rejected) as info:
+        validate("traces", {**TRACE, "duration_ms": -3})
+    assert "duration_ms" in info.value.detail
+    assert info.value.retriable is False
+
+
+def test_reason_set_is_fixed() -> None:
+    assert {r.value for r in Reason} == {
+        "invalid_json",
+        "not_an_object",
+        "missing_field",
+        "wrong_type",
+        "invalid_number",
+        "invalid_timestamp",
+        "value_too_long",
+        "too_late",
+    }

@@ -1,0 +1,72 @@
+"""Exact sums and fingerprints: order independence and exactness against Fractions."""
+
+from __future__ import annotations
+
+import math
+import random
+from fractions import Fraction
+
+import numpy as np
+
+from streamagg import exact
+
+
+def exact_fraction(values: list[float]) -> Fraction:
+    return sum((Fraction(v) for v in values), Fraction(0))
+
+
+def test_sum_is_exact_and_correctly_rounded() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        values = [rng.lognormvariate(5, 3) * rng.choice([1e-9, 1, 1e9]) for _ in range(rng.randrange(1, 60))]
+        total = exact.exact_sum(values)
+        assert sum((Fraction(p) for p in total), Fraction(0)) == exact_fraction(values)
+        assert exact.rounded(total) == math.fsum(values)
+
+
+def test_sum_does_not_depend_on_order_or_grouping() -> None:
+    rng = random.Random(5)
+    values = [rng.random() * 10 ** rng.randrange(-8, 8) for _ in range(500)]
+    whole = exact.rounded(exact.exact_sum(values))
+    for _ in range(20):
+        rng.shuffle(values)
+        cut = rng.randrange(len(values))
+        left = exact.exact_sum(values[:cut])
+        right = exact.exact_sum(values[cut:])
+        assert exact.rounded(exact.add(left, right)) == whole
+        assert exact.rounded(exact.add(right, left)) == whole
+
+
+def test_naive_float_sum_would_differ() -> None:
+    """The reason for all this: plain accumulation depends on order."""
+    values = [1e16, 1.0, 1.0, 0.1, 0.2, 0.3]
+    assert sum(values) != sum(reversed(values))
+    assert exact.rounded(exact.exact_sum(values)) == exact.rounded(exact.exact_sum(list(reversed(values))))
+
+
+def test_empty_and_overflow() -> None:
+    assert exact.rounded(exact.ZERO) == 0.0
+    assert exact.rounded(exact.exact_sum([1.7e308, 1.7e308])) == math.inf
+    assert exact.rounded(exact.add(exact.exact_sum([1.7e308, 1.7e308]), [1.0])) == math.inf
+
+
+def test_fingerprints_are_order_independent_and_sensitive() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.lognormal(5, 1, 1000)
+    fp = exact.combine_fingerprints(*exact.fingerprints(values).tolist())
+    shuffled = rng.permutation(values)
+    assert exact.combine_fingerprints(int(np.add.reduce(exact.fingerprints(shuffled)))) == fp
+    changed = values.copy()
+    changed[10] = np.nextafter(changed[10], np.inf)
+    assert exact.combine_fingerprints(*exact.fingerprints(changed).tolist()) != fp
+
+
+def test_negative_zero_fingerprints_like_zero() -> None:
+    assert exact.fingerprints(np.array([-0.0]))[0] == exact.fingerprints(np.array([0.0]))[0]
+
+
+def test_signed_round_trip() -> None:
+    for value in (0, 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1):
+        signed = exact.to_signed64(value)
+        assert -(1 << 63) <= signed < 1 << 63
+        assert exact.from_signed64(signed) == value
