@@ -43,7 +43,7 @@ _REQ_FLAG_HRA = 1 << 3
 _SCALAR_LOOP_MAX = 16
 
 # k ranges the library accepts; checked here so a bad setting fails with a clear message.
-_K_RANGE = {"kll": (8, 65535), "req-hra": (4, 1024)}
+_K_RANGE = {"kll": (8, 65535), "req-hra": (4, 254)}  # datasketches 5.2 stores REQ k in 8 bits
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,63 @@
+"""Shared fixtures. Integration tests get one real local stack per session (Kafka + PostgreSQL
+started by streamagg.stack on free loopback ports in a throwaway directory); if it cannot be
+started, they fail: nothing here skips."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streamagg.settings import Settings
+from streamagg.stack import Stack, StackInfo, free_port
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def stack_factory() -> Iterator[callable]:
+    """Makes stacks in fresh directories on free ports; stops every one at the end."""
+    made: list[tuple[Stack, Path]] = []
+    cache_dir = Settings().cache_dir  # the jar cache is shared; stack state is not
+
+    def make() -> tuple[Stack, StackInfo]:
+        # Not under pytest's tmp_path: that is private to root, and as root the PostgreSQL
+        # cluster runs as the postgres user, which must reach its data directory.
+        root = Path(tempfile.mkdtemp(prefix="streamagg-test-stack-"))
+        root.chmod(0o755)
+        stack = Stack(root, cache_dir)
+        made.append((stack, root))
+        return stack, stack.up(kafka_port=free_port(), postgres_port=free_port())
+
+    yield make
+    for stack, root in made:
+        stack.down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack(stack_factory: callable) -> tuple[Stack, StackInfo]:
+    """The session's stack."""
+    return stack_factory()
+
+
+@pytest.fixture
+def stack_env(stack: tuple[Stack, StackInfo], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment pointing streamagg at the session's stack."""
+    instance, info = stack
+    env = {
+        "STREAMAGG_KAFKA_BOOTSTRAP": info.kafka_bootstrap,
+        "STREAMAGG_DATABASE_URL": info.database_url,
+        "STREAMAGG_STACK_DIR": str(instance.root),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return {**os.environ, **env}
