@@ -1,0 +1,356 @@
+"""PostgreSQL through asyncpg: migrations, partial and final upserts, reads. No Faust here.
+
+Writes overwrite a row with its full state, never increment, so any re-run gives the same
+rows. A final row is overwritten (and its ``revision`` bumped) only when its evidence
+``(count, sum, min, max, fingerprint, sketch kind)`` differs from what is stored: equal
+evidence means the stored sketch already summarises exactly these values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from . import exact
+from .aggregate import Agg, Key, Row
+from .buckets import Granularity, to_datetime, to_ms
+from .errors import StreamaggError
+
+log = logging.getLogger(__name__)
+
+TABLE = "observability.metrics_aggregates"
+PARTIALS = "observability.metrics_partials"
+_MIGRATION_LOCK = 0x5354_5241_4747_0001  # advisory lock id serialising concurrent `migrate`s
+
+_RETRIABLE = (
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+class StoreError(StreamaggError):
+    """A database operation failed; ``retriable`` for connection loss, deadlocks and the like."""
+
+    def __init__(self, message: str, retriable: bool) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+def _wrap(what: str, exc: BaseException) -> StoreError:
+    return StoreError(f"{what}: {type(exc).__name__}: {exc}", retriable=isinstance(exc, _RETRIABLE))
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+    def __add__(self, other: WriteResult) -> WriteResult:
+        return WriteResult(
+            self.inserted + other.inserted, self.updated + other.updated, self.unchanged + other.unchanged
+        )
+
+
+_COLUMNS = (
+    "bucket_time, granularity, metric_name, dimension_type, dimension_value, count, sum_value, min_value, "
+    "max_value, avg_value, p50_value, p95_value, p99_value, sketch, sketch_kind, value_fingerprint"
+)
+_UPSERT = f"""
+INSERT INTO {TABLE} AS t ({_COLUMNS})
+SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                     $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[], $12::float8[],
+                     $13::float8[], $14::bytea[], $15::text[], $16::bigint[])
+ON CONFLICT ON CONSTRAINT metrics_aggregates_key DO UPDATE SET
+    count = EXCLUDED.count, sum_value = EXCLUDED.sum_value, min_value = EXCLUDED.min_value,
+    max_value = EXCLUDED.max_value, avg_value = EXCLUDED.avg_value, p50_value = EXCLUDED.p50_value,
+    p95_value = EXCLUDED.p95_value, p99_value = EXCLUDED.p99_value, sketch = EXCLUDED.sketch,
+    sketch_kind = EXCLUDED.sketch_kind, value_fingerprint = EXCLUDED.value_fingerprint,
+    revision = t.revision + 1, updated_at = now()
+WHERE (t.count, t.sum_value, t.min_value, t.max_value, t.value_fingerprint, t.sketch_kind)
+      IS DISTINCT FROM
+      (EXCLUDED.count, EXCLUDED.sum_value, EXCLUDED.min_value, EXCLUDED.max_value,
+       EXCLUDED.value_fingerprint, EXCLUDED.sketch_kind)
+RETURNING (xmax = 0) AS inserted
+"""
+
+_UPSERT_PARTIALS = f"""
+INSERT INTO {PARTIALS} AS t (bucket_time, metric_name, dimension_type, dimension_value, source_partition,
+                             count, sum_parts, min_value, max_value, sketch, sketch_kind, value_fingerprint)
+SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bigint[],
+                     $7::bytea[], $8::float8[], $9::float8[], $10::bytea[], $11::text[], $12::bigint[])
+ON CONFLICT ON CONSTRAINT metrics_partials_key DO UPDATE SET
+    count = EXCLUDED.count, sum_parts = EXCLUDED.sum_parts, min_value = EXCLUDED.min_value,
+    max_value = EXCLUDED.max_value, sketch = EXCLUDED.sketch, sketch_kind = EXCLUDED.sketch_kind,
+    value_fingerprint = EXCLUDED.value_fingerprint, updated_at = now()
+"""
+
+_SELECT_PARTIALS = f"""
+SELECT p.bucket_time, p.metric_name, p.dimension_type, p.dimension_value, p.count, p.sum_parts,
+       p.min_value, p.max_value, p.sketch, p.sketch_kind, p.value_fingerprint
+FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[]) AS k(b, m, dt, dv)
+JOIN {PARTIALS} p
+  ON p.bucket_time = k.b AND p.metric_name = k.m
+ AND p.dimension_type IS NOT DISTINCT FROM k.dt AND p.dimension_value IS NOT DISTINCT FROM k.dv
+ORDER BY p.source_partition
+"""
+
+
+def _key_lock_id(key: Key) -> int:
+    """A stable signed 64-bit advisory lock id of a bucket key."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _row_from_record(record: asyncpg.Record) -> Row:
+    fingerprint = record["value_fingerprint"]
+    return Row(
+        bucket_ms=to_ms(record["bucket_time"]),
+        granularity=record["granularity"],
+        metric_name=record["metric_name"],
+        dimension_type=record["dimension_type"],
+        dimension_value=record["dimension_value"],
+        count=record["count"],
+        sum_value=record["sum_value"],
+        min_value=record["min_value"],
+        max_value=record["max_value"],
+        avg_value=record["avg_value"],
+        p50_value=record["p50_value"],
+        p95_value=record["p95_value"],
+        p99_value=record["p99_value"],
+        sketch=bytes(record["sketch"]) if record["sketch"] is not None else None,
+        sketch_kind=record["sketch_kind"],
+        fingerprint=exact.from_signed64(fingerprint) if fingerprint is not None else None,
+    )
+
+
+def _columns(rows: Sequence[Row]) -> list[list[Any]]:
+    return [
+        [to_datetime(r.bucket_ms) for r in rows],
+        [r.granularity for r in rows],
+        [r.metric_name for r in rows],
+        [r.dimension_type for r in rows],
+        [r.dimension_value for r in rows],
+        [r.count for r in rows],
+        [r.sum_value for r in rows],
+        [r.min_value for r in rows],
+        [r.max_value for r in rows],
+        [r.avg_value for r in rows],
+        [r.p50_value for r in rows],
+        [r.p95_value for r in rows],
+        [r.p99_value for r in rows],
+        [r.sketch for r in rows],
+        [r.sketch_kind for r in rows],
+        [exact.to_signed64(r.fingerprint) if r.fingerprint is not None else None for r in rows],
+    ]
+
+
+class Store:
+    """A pool of connections to the database of ``dsn``; ``async with Store.open(dsn)``."""
+
+    def __init__(self, pool: asyncpg.Pool, redacted_dsn: str) -> None:
+        self._pool = pool
+        self._redacted = redacted_dsn
+
+    @classmethod
+    async def open(cls, dsn: str, redacted_dsn: str, max_size: int = 4) -> Store:
+        try:
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, command_timeout=300)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            # The message names the redacted DSN only: asyncpg's may quote the password.
+            raise StoreError(f"cannot connect to {redacted_dsn}: {type(exc).__name__}", retriable=True) from None
+        return cls(pool, redacted_dsn)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- schema ------------------------------------------------------------------------------
+    async def migrate(self) -> list[str]:
+        """Apply the versioned SQL files not applied yet, in order; returns their names."""
+        files = sorted(
+            (entry.name, entry.read_text())
+            for entry in resources.files("streamagg.migrations").iterdir()
+            if entry.name.endswith(".sql")
+        )
+        applied: list[str] = []
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute("CREATE SCHEMA IF NOT EXISTS observability")
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS observability.schema_migrations "
+                    "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {r["name"] for r in await conn.fetch("SELECT name FROM observability.schema_migrations")}
+                for name, sql in files:
+                    if name in done:
+                        continue
+                    log.info("applying migration %s", name)
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO observability.schema_migrations (name) VALUES ($1)", name)
+                    applied.append(name)
+        except asyncpg.PostgresError as exc:
+            raise _wrap("migration failed", exc) from exc
+        return applied
+
+    # -- writes ------------------------------------------------------------------------------
+    async def upsert_rows(self, rows: Sequence[Row], conn: asyncpg.Connection | None = None) -> WriteResult:
+        """Write final rows (any granularity) in one statement; unchanged evidence is left alone."""
+        if not rows:
+            return WriteResult()
+        if conn is None:
+            try:
+                async with self._pool.acquire() as own, own.transaction():
+                    return await self.upsert_rows(rows, own)
+            except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+                raise _wrap("upsert failed", exc) from exc
+        records = await conn.fetch(_UPSERT, *_columns(rows))
+        inserted = sum(1 for r in records if r["inserted"])
+        return WriteResult(inserted, len(records) - inserted, len(rows) - len(records))
+
+    async def write_partials(self, partition: int, partials: Sequence[tuple[Key, Agg]]) -> WriteResult:
+        """Overwrite one source partition's partial aggregates of closed hours and, in the same
+        transaction, re-derive the final hour rows of the touched keys from all partitions."""
+        if not partials:
+            return WriteResult()
+        keys = sorted({key for key, _ in partials}, key=repr)
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # Writers of one key (other partitions, other workers) queue here; ordering the
+                # lock ids in SQL gives every transaction the same order, so no deadlocks.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(id) FROM unnest($1::bigint[]) AS id ORDER BY id",
+                    sorted({_key_lock_id(key) for key in keys}),
+                )
+                await conn.execute(_UPSERT_PARTIALS, *_partial_columns(partition, partials))
+                merged = await self._merge_partials(conn, keys)
+                return await self.upsert_rows([agg.to_row(key, "hour") for key, agg in merged.items()], conn)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            raise _wrap("writing partials failed", exc) from exc
+
+    @staticmethod
+    async def _merge_partials(conn: asyncpg.Connection, keys: Sequence[Key]) -> dict[Key, Agg]:
+        records = await conn.fetch(
+            _SELECT_PARTIALS,
+            [to_datetime(k[0]) for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+            [k[3] for k in keys],
+        )
+        merged: dict[Key, Agg] = {}
+        for record in records:
+            key = (to_ms(record["bucket_time"]), record["metric_name"], record["dimension_type"], record["dimension_value"])
+            agg = _agg_from_partial(record)
+            if key in merged:
+                merged[key].merge(agg)
+            else:
+                merged[key] = agg
+        return merged
+
+    # -- reads -------------------------------------------------------------------------------
+    async def fetch_rows(
+        self,
+        granularity: Granularity,
+        start_ms: int,
+        end_ms: int,
+        metric: str | None = None,
+    ) -> list[Row]:
+        """Rows of one granularity with ``start <= bucket_time < end``, optionally of one metric."""
+        sql = f"SELECT {_COLUMNS} FROM {TABLE} WHERE granularity = $1 AND bucket_time >= $2 AND bucket_time < $3"
+        args: list[Any] = [granularity, to_datetime(start_ms), to_datetime(end_ms)]
+        if metric is not None:
+            sql += " AND metric_name = $4"
+            args.append(metric)
+        try:
+            async with self._pool.acquire() as conn:
+                return [_row_from_record(r) for r in await conn.fetch(sql, *args)]
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            raise _wrap("reading rows failed", exc) from exc
+
+    async def iter_hour_rows_by_key(self, start_ms: int, end_ms: int, batch: int = 2000) -> AsyncIterator[Row]:
+        """Hour rows in [start, end) ordered by key then time, streamed with a server-side cursor
+        so a week's roll-up holds one key's rows at a time, not the week."""
+        sql = (
+            f"SELECT {_COLUMNS} FROM {TABLE} WHERE granularity = 'hour' AND bucket_time >= $1 AND bucket_time < $2 "
+            "ORDER BY metric_name, dimension_type NULLS FIRST, dimension_value NULLS FIRST, bucket_time"
+        )
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                async for record in conn.cursor(sql, to_datetime(start_ms), to_datetime(end_ms), prefetch=batch):
+                    yield _row_from_record(record)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            raise _wrap("reading hour rows failed", exc) from exc
+
+    async def revisions(self) -> dict[tuple[datetime, str, str, str | None, str | None], int]:
+        """Every row's revision by its unique key (for checks and tests)."""
+        async with self._pool.acquire() as conn:
+            records = await conn.fetch(
+                f"SELECT bucket_time, granularity, metric_name, dimension_type, dimension_value, revision FROM {TABLE}"
+            )
+        return {tuple(r.values())[:5]: r["revision"] for r in records}  # type: ignore[misc]
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        """Run one statement (tests and maintenance)."""
+        async with self._pool.acquire() as conn:
+            return await conn.execute(sql, *args)
+
+
+def _partial_columns(partition: int, partials: Sequence[tuple[Key, Agg]]) -> list[list[Any]]:
+    full = [agg.sketch is not None for _, agg in partials]
+    return [
+        [to_datetime(key[0]) for key, _ in partials],
+        [key[1] for key, _ in partials],
+        [key[2] for key, _ in partials],
+        [key[3] for key, _ in partials],
+        [partition] * len(partials),
+        [agg.count for _, agg in partials],
+        [struct.pack(f"<{len(agg.total)}d", *agg.total) if f else None for (_, agg), f in zip(partials, full, strict=True)],
+        [agg.min if f else None for (_, agg), f in zip(partials, full, strict=True)],
+        [agg.max if f else None for (_, agg), f in zip(partials, full, strict=True)],
+        [agg.sketch.serialize() if agg.sketch is not None else None for _, agg in partials],
+        [str(agg.sketch.kind) if agg.sketch is not None else None for _, agg in partials],
+        [exact.to_signed64(agg.fingerprint) if f else None for (_, agg), f in zip(partials, full, strict=True)],
+    ]
+
+
+def _agg_from_partial(record: asyncpg.Record) -> Agg:
+    sketch = record["sketch"]
+    row = Row(
+        bucket_ms=0,
+        granularity="hour",
+        metric_name=record["metric_name"],
+        dimension_type=record["dimension_type"],
+        dimension_value=record["dimension_value"],
+        count=record["count"],
+        min_value=record["min_value"],
+        max_value=record["max_value"],
+        sketch=bytes(sketch) if sketch is not None else None,
+        sketch_kind=record["sketch_kind"],
+        fingerprint=exact.from_signed64(record["value_fingerprint"]) if record["value_fingerprint"] is not None else None,
+    )
+    agg = Agg.from_row(row)
+    if agg.sketch is not None:
+        parts = record["sum_parts"] or b""
+        agg.total = exact.exact_sum(struct.unpack(f"<{len(parts) // 8}d", parts))
+    return agg
+

@@ -1,0 +1,162 @@
+"""The store against a real PostgreSQL: schema, upsert semantics, partials, roll-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from streamagg.aggregate import AggregateState, roll_up
+from streamagg.buckets import HOUR_MS, bucket_start_ms
+from streamagg.rollup import rollup
+from streamagg.settings import Settings
+from streamagg.stack import Stack, StackInfo
+from streamagg.store import Store
+from tests.oracle import exact_hours
+from tests.unit.test_aggregate import START_MS, assert_row_matches, kinds, make_events, stats
+
+
+@pytest.fixture
+def database(stack: tuple[Stack, StackInfo]) -> str:
+    """A fresh database per test on the session's PostgreSQL, so tests never see each other's rows."""
+    _, info = stack
+    name = f"t_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(info.database_url.rsplit("/", 1)[0] + "/postgres")
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return info.database_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def open_store(dsn: str) -> Store:
+    store = await Store.open(dsn, dsn, max_size=6)
+    await store.migrate()
+    return store
+
+
+def test_migrate_is_idempotent_and_versioned(database: str) -> None:
+    async def run() -> None:
+        async with await Store.open(database, database) as store:
+            first = await store.migrate()
+            assert first == ["001_metrics_aggregates.sql", "002_metrics_partials.sql", "003_hypertable.sql"]
+            assert await store.migrate() == []
+            await asyncio.gather(store.migrate(), store.migrate())  # concurrent runs serialise
+
+    asyncio.run(run())
+
+
+def test_upsert_revisions_follow_value_changes(database: str) -> None:
+    events = make_events(hours=2, per_hour=600, seed=21)
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    rows = state.rows()
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            first = await store.upsert_rows(rows)
+            assert (first.inserted, first.updated, first.unchanged) == (len(rows), 0, 0)
+            revisions = await store.revisions()
+            assert set(revisions.values()) == {1}
+            # Same values again, even from a re-built state with new sketch coin flips: untouched.
+            again = AggregateState(kinds(), 10_000)
+            again.ingest(list(reversed(events)))
+            second = await store.upsert_rows(again.rows())
+            assert (second.inserted, second.updated) == (0, 0)
+            assert await store.revisions() == revisions
+            # One more event changes its keys only: revision 2 there, 1 elsewhere.
+            again.take_dirty()
+            again.ingest(events[:1])
+            touched = again.take_dirty()
+            third = await store.upsert_rows(again.rows(touched))
+            assert third.updated == len(touched) and third.inserted == 0
+            after = await store.revisions()
+            assert sorted(after.values()).count(2) == len(touched)
+            stored = {row.key: row for row in await store.fetch_rows("hour", START_MS, START_MS + 2 * HOUR_MS)}
+            for key in touched:
+                assert stats(stored[key]) == stats(again[key].to_row(key, "hour"))
+
+    asyncio.run(run())
+
+
+def test_global_slice_upserts_like_any_other(database: str) -> None:
+    events = make_events(hours=1, per_hour=50, seed=2)
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    global_rows = [row for row in state.rows() if row.dimension_type is None]
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.upsert_rows(global_rows)
+            await store.upsert_rows(global_rows)
+            count = await store.execute(
+                "SELECT 1 FROM observability.metrics_aggregates WHERE dimension_type IS NULL"
+            )
+            assert count == f"SELECT {len(global_rows)}"
+
+    asyncio.run(run())
+
+
+def test_partials_from_partitions_merge_to_the_oracle(database: str) -> None:
+    """Three partitions written concurrently (as by several workers): the final rows are the
+    exact aggregate over all events, whichever partition each arrived on."""
+    events = make_events(hours=2, per_hour=1500, seed=23)
+    partitions = [AggregateState(kinds(), 10_000) for _ in range(3)]
+    for i, event in enumerate(events):
+        partitions[i % 3].ingest([event])
+    oracle = exact_hours(events)
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await asyncio.gather(
+                *(store.write_partials(p, list(state.items())) for p, state in enumerate(partitions))
+            )
+            rows = {row.key: row for row in await store.fetch_rows("hour", START_MS, START_MS + 2 * HOUR_MS)}
+            assert set(rows) == set(oracle)
+            for key, exact in oracle.items():
+                assert_row_matches(rows[key], exact)
+            before = await store.revisions()
+            # A partition re-writing the same state (a replay) changes nothing.
+            result = await store.write_partials(1, list(partitions[1].items()))
+            assert result.updated == 0 and result.inserted == 0
+            assert await store.revisions() == before
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("granularity", ["day", "week"])
+def test_rollup_from_stored_hours(database: str, granularity: str) -> None:
+    start = bucket_start_ms(START_MS, "week") - 6 * HOUR_MS  # crosses a day and a week boundary
+    events = make_events(hours=30, per_hour=300, seed=24, start_ms=start)
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    hours = state.rows()
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.upsert_rows(hours)
+            result = await rollup(store, granularity, start, start + 30 * HOUR_MS)  # type: ignore[arg-type]
+            expected = {row.key: row for row in roll_up(hours, granularity)}  # type: ignore[arg-type]
+            assert result.inserted == len(expected)
+            stored = await store.fetch_rows(granularity, start - 7 * 24 * HOUR_MS, start + 8 * 24 * HOUR_MS)  # type: ignore[arg-type]
+            assert {row.key: stats(row) for row in stored} == {key: stats(row) for key, row in expected.items()}
+            again = await rollup(store, granularity, start, start + 30 * HOUR_MS)  # type: ignore[arg-type]
+            assert (again.inserted, again.updated) == (0, 0)
+
+    asyncio.run(run())
+
+
+def test_connection_error_names_no_password() -> None:
+    from streamagg.store import StoreError
+
+    dsn = "postgresql://u:hunter2@127.0.0.1:1/db"
+    with pytest.raises(StoreError) as info:
+        asyncio.run(Store.open(dsn, Settings(database_url=dsn).redacted_dsn()))
+    assert "hunter2" not in str(info.value) and info.value.retriable
