@@ -125,3 +125,101 @@ def stack_check(settings: Settings) -> None:
 
     for line in smoke_check(settings):
         click.echo(line)
+
+
+class _Time(click.ParamType):
+    """A time T: RFC 3339 (``2026-11-26T13:00:00Z``; no offset means UTC) or a date (midnight UTC)."""
+
+    name = "T"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        from .events import Rejected, parse_timestamp
+
+        try:
+            return parse_timestamp(param.name if param else "time", value)
+        except Rejected as exc:
+            self.fail(f"{value!r} is not an RFC 3339 time or a date", param, ctx)
+            raise AssertionError from exc  # unreachable: fail() raises
+
+
+TIME = _Time()
+
+
+def _run(coro: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+@main.command()
+@_settings_options
+@_fail_cleanly
+def migrate(settings: Settings) -> None:
+    """Create or upgrade the schema (versioned SQL; idempotent)."""
+    from .store import Store
+
+    async def run() -> list[str]:
+        async with await Store.open(settings.database_url.get_secret_value(), settings.redacted_dsn()) as store:
+            return await store.migrate()
+
+    applied = _run(run())
+    click.echo("\n".join(applied) if applied else "schema up to date")
+
+
+@main.command()
+@click.option("--granularity", type=click.Choice(["day", "week"]), required=True)
+@click.option("--from", "start", type=TIME, required=True, help="start T (inclusive)")
+@click.option("--to", "end", type=TIME, required=True, help="end T (exclusive)")
+@_settings_options
+@_fail_cleanly
+def rollup(settings: Settings, granularity: str, start: int, end: int) -> None:
+    """Recompute day or week rows overlapping [from, to) by merging stored hour rows."""
+    from .rollup import rollup as run_rollup
+    from .store import Store
+
+    if end <= start:
+        raise click.BadParameter("--to must be after --from")
+
+    async def run() -> Any:
+        async with await Store.open(settings.database_url.get_secret_value(), settings.redacted_dsn()) as store:
+            return await run_rollup(store, granularity, start, end)  # type: ignore[arg-type]
+
+    result = _run(run())
+    click.echo(f"{granularity} rows: {result.inserted} inserted, {result.updated} updated, {result.unchanged} unchanged")
+
+
+@main.command()
+@click.option("--hours", type=click.IntRange(min=1), required=True, help="how many hours of telemetry")
+@click.option("--events-per-hour", type=click.IntRange(min=1), required=True, help="events in each hour, all topics")
+@click.option("--seed", type=int, default=1, show_default=True, help="the same seed gives the same events")
+@click.option("--start", type=TIME, default=None, help="first hour (default: the hours end at the last full hour)")
+@_settings_options
+@_fail_cleanly
+def generate(settings: Settings, hours: int, events_per_hour: int, seed: int, start: int | None) -> None:
+    """Produce realistic synthetic telemetry to the four source topics."""
+    import time
+
+    from rich.progress import Progress
+
+    from .buckets import HOUR_MS, bucket_start_ms, to_datetime
+    from .generate import generate as run_generate
+
+    if start is None:
+        start = bucket_start_ms(int(time.time() * 1000), "hour") - hours * HOUR_MS
+    start = bucket_start_ms(start, "hour")
+    with Progress(console=_stderr_console(), transient=True) as progress:
+        task = progress.add_task("producing", total=hours * events_per_hour)
+        generated = _run(
+            run_generate(settings, hours, events_per_hour, seed, start, lambda done, _: progress.update(task, completed=done))
+        )
+    for topic, count in sorted(generated.counts.items()):
+        click.echo(f"{topic}\t{count}")
+    click.echo(f"total\t{generated.total}\t{to_datetime(generated.start_ms).isoformat()}\t{to_datetime(generated.end_ms).isoformat()}")
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)

@@ -33,7 +33,7 @@ class SynthConfig:
 
 
 class Synth:
-    """Draws events; ``events(start_ms, hours, per_hour)`` yields ``(kind, event dict)`` in time order."""
+    """Draws events in time order, reproducibly from the seed."""
 
     def __init__(self, seed: int, config: SynthConfig | None = None) -> None:
         self.rng = np.random.default_rng(seed)
@@ -43,7 +43,8 @@ class Synth:
         weights = 1.0 / ranks**0.8
         self._user_p = weights / weights.sum()
 
-    def events(self, start_ms: int, hours: int, per_hour: int) -> Iterator[tuple[EventKind, dict[str, Any]]]:
+    def events(self, start_ms: int, hours: int, per_hour: int) -> Iterator[tuple[EventKind, int, dict[str, Any]]]:
+        """``(kind, event time in epoch ms, event)`` for ``per_hour`` events in each hour."""
         kinds = list(KIND_SHARES)
         shares = np.array(list(KIND_SHARES.values()))
         for hour in range(hours):
@@ -53,7 +54,7 @@ class Synth:
             kbs = self.rng.integers(0, self.config.knowledge_bases, size=per_hour)
             for time_ms, pick, user, kb in zip(times.tolist(), picks.tolist(), users.tolist(), kbs.tolist(), strict=True):
                 kind = kinds[pick]
-                yield kind, self._make(kind, time_ms, f"user-{user}", f"kb-{kb}")
+                yield kind, time_ms, self._make(kind, time_ms, f"user-{user}", f"kb-{kb}")
 
     def _id(self, prefix: str) -> str:
         self._serial += 1

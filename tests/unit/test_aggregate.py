@@ -31,7 +31,7 @@ def kinds(kind: str = DEFAULT_KIND) -> dict[str, Kind]:
 
 def make_events(hours: int, per_hour: int, seed: int = 1, users: int = 300, start_ms: int = START_MS) -> list[Event]:
     synth = Synth(seed, SynthConfig(users=users, knowledge_bases=6))
-    return [validate(kind, event) for kind, event in synth.events(start_ms, hours, per_hour)]
+    return [validate(kind, event) for kind, _, event in synth.events(start_ms, hours, per_hour)]
 
 
 def ingest(events: list[Event], batch: int, max_series: int = 10_000, kind: str = DEFAULT_KIND) -> AggregateState:

@@ -1,0 +1,57 @@
+"""Kafka topic names and their creation. The only module that administers topics."""
+
+from __future__ import annotations
+
+import logging
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from .errors import StreamaggError
+from .events import EVENT_KINDS, EventKind
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class TopicError(StreamaggError):
+    retriable = True
+
+
+def source_topics(settings: Settings) -> dict[str, EventKind]:
+    """Topic name -> event kind, for the four source topics."""
+    return {settings.topic(kind): kind for kind in EVENT_KINDS}
+
+
+def deadletter_topic(settings: Settings) -> str:
+    return settings.topic("deadletter")
+
+
+def ensure_topics(settings: Settings, names: list[str] | None = None) -> dict[str, int]:
+    """Create the source and dead letter topics (``STREAMAGG_PARTITIONS`` partitions) if missing.
+
+    Returns each topic's partition count as it is on the broker (an existing topic keeps its own).
+    """
+    wanted = names or [*source_topics(settings), deadletter_topic(settings)]
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id=f"{settings.app_id}-admin")
+    except KafkaError as exc:
+        raise TopicError(f"kafka at {settings.kafka_bootstrap} is unreachable: {exc}") from exc
+    try:
+        existing = set(admin.list_topics())
+        missing = [name for name in wanted if name not in existing]
+        if missing:
+            log.info("creating topics %s with %d partitions", ", ".join(missing), settings.partitions)
+            try:
+                admin.create_topics(
+                    [NewTopic(name, num_partitions=settings.partitions, replication_factor=1) for name in missing]
+                )
+            except TopicAlreadyExistsError:
+                pass  # another process created them first
+        described = admin.describe_topics(wanted)
+        return {topic["name"]: len(topic["partitions"]) for topic in described}
+    except KafkaError as exc:
+        raise TopicError(f"cannot create topics on {settings.kafka_bootstrap}: {exc}") from exc
+    finally:
+        admin.close()
