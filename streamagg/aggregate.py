@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,6 +218,7 @@ class AggregateState:
         self._aggs: dict[Key, Agg] = {}
         self._series: defaultdict[tuple[int, str, str], int] = defaultdict(int)
         self._dirty: set[Key] = set()
+        self._accept: Callable[[Key], bool] | None = None
 
     def __len__(self) -> int:
         return len(self._aggs)
@@ -235,8 +236,13 @@ class AggregateState:
         return self._aggs.items()
 
     # -- ingest --------------------------------------------------------------------------------
-    def ingest(self, events: Sequence[Event]) -> None:
-        """Fold a batch of events (any kinds, any hours) into the state."""
+    def ingest(self, events: Sequence[Event], accept: Callable[[Key], bool] | None = None) -> None:
+        """Fold a batch of events (any kinds, any hours) into the state.
+
+        ``accept``, when given, decides per key whether the batch's values for it are applied
+        (recovery uses it to skip what a key's checkpoint already holds).
+        """
+        self._accept = accept
         by_kind: defaultdict[str, list[Event]] = defaultdict(list)
         for event in events:
             by_kind[event.kind].append(event)
@@ -276,7 +282,8 @@ class AggregateState:
         aggs = [self._agg_for(metric, hour, dimension_type, value) for hour, value in index]
         if values is None:
             for agg, count in zip(aggs, np.bincount(ids, minlength=len(aggs)).tolist(), strict=True):
-                agg.count += count
+                if agg is not None:
+                    agg.count += count
             return
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
@@ -290,17 +297,21 @@ class AggregateState:
         group_ids = sorted_ids[starts].tolist()
         for g, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
             agg = aggs[group_ids[g]]
+            if agg is None:
+                continue
             agg.add_group(end - start, as_list[start:end], mins[g], maxs[g], fps[g], sorted_values[start:end])
 
-    def _agg_for(self, metric: Metric, hour: int, dimension_type: str | None, value: str | None) -> Agg:
+    def _agg_for(self, metric: Metric, hour: int, dimension_type: str | None, value: str | None) -> Agg | None:
         key = (hour, metric.name, dimension_type, value)
         agg = self._aggs.get(key)
+        if agg is None and dimension_type is not None and value != OVERFLOW_VALUE:
+            if self._series[(hour, metric.name, dimension_type)] >= self._max_series:
+                return self._agg_for(metric, hour, dimension_type, OVERFLOW_VALUE)
+        if self._accept is not None and not self._accept(key):
+            return None
         if agg is None:
             if dimension_type is not None and value != OVERFLOW_VALUE:
-                series = (hour, metric.name, dimension_type)
-                if self._series[series] >= self._max_series:
-                    return self._agg_for(metric, hour, dimension_type, OVERFLOW_VALUE)
-                self._series[series] += 1
+                self._series[(hour, metric.name, dimension_type)] += 1
             agg = self._aggs[key] = Agg(self._kinds[metric.name] if metric.is_full else None)
         self._dirty.add(key)
         return agg

@@ -1,0 +1,215 @@
+"""Hot state of one source topic-partition, and its checkpoint records. No Faust, no SQL.
+
+The unit of state is a Kafka topic-partition: its events arrive in offset order, so "the
+state includes every event up to offset N" is one number. Each key's checkpoint record carries
+the offset its value includes; a recovered partition skips, per key, the events its key
+already holds (a checkpoint that crashed half-way leaves some keys newer than others).
+
+Record layouts (little-endian):
+* key:   JSON ``[topic, partition, hour_ms, metric, dimension_type, dimension_value]``;
+         the partition's meta record is ``[topic, partition, "meta"]``
+* value: ``u8 version (1) | i64 offset | aggregate bytes (Agg.encode)``;
+         meta: ``u8 version (1) | i64 offset | i64 watermark_ms``
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from sketches import Kind
+
+from .aggregate import Agg, AggregateState, Key
+from .buckets import HOUR_MS
+from .errors import StateError
+from .events import Event
+
+_VALUE = struct.Struct("<Bq")
+_META = struct.Struct("<Bqq")
+_VERSION = 1
+_NO_WATERMARK = -(2**63)
+
+Clock = Callable[[], int]  # epoch milliseconds
+
+
+def encode_key(topic: str, partition: int, key: Key) -> bytes:
+    return json.dumps([topic, partition, *key], separators=(",", ":")).encode()
+
+
+def meta_key(topic: str, partition: int) -> bytes:
+    return json.dumps([topic, partition, "meta"], separators=(",", ":")).encode()
+
+
+def decode_key(data: bytes) -> tuple[str, int, Key | None]:
+    """(topic, partition, key); key is None for the partition's meta record."""
+    try:
+        items = json.loads(data)
+        if len(items) == 3 and items[2] == "meta":
+            return items[0], int(items[1]), None
+        topic, partition, hour, metric, dimension_type, dimension_value = items
+        return topic, int(partition), (int(hour), metric, dimension_type, dimension_value)
+    except (ValueError, TypeError) as exc:
+        raise StateError(f"corrupt checkpoint key {data[:80]!r}") from exc
+
+
+def encode_value(offset: int, agg: Agg) -> bytes:
+    return _VALUE.pack(_VERSION, offset) + agg.encode()
+
+
+def decode_value(data: bytes) -> tuple[int, Agg]:
+    if len(data) < _VALUE.size:
+        raise StateError(f"checkpoint value of {len(data)} bytes is too short")
+    version, offset = _VALUE.unpack_from(data)
+    if version != _VERSION:
+        raise StateError(f"checkpoint value of unknown version {version}")
+    return offset, Agg.decode(data[_VALUE.size :])
+
+
+def encode_meta(offset: int, watermark_ms: int | None) -> bytes:
+    return _META.pack(_VERSION, offset, _NO_WATERMARK if watermark_ms is None else watermark_ms)
+
+
+def decode_meta(data: bytes) -> tuple[int, int | None]:
+    try:
+        version, offset, watermark = _META.unpack(data)
+    except struct.error as exc:
+        raise StateError(f"corrupt checkpoint meta: {exc}") from exc
+    if version != _VERSION:
+        raise StateError(f"checkpoint meta of unknown version {version}")
+    return offset, None if watermark == _NO_WATERMARK else watermark
+
+
+@dataclass
+class IngestResult:
+    applied: int = 0
+    too_late: list[int] = field(default_factory=list)  # positions in the batch
+
+
+class PartitionState:
+    """Aggregates of one topic-partition: ingest in offset order, checkpoint, close, evict."""
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        sketch_kinds: Mapping[str, Kind],
+        max_series_per_dimension: int,
+        clock: Clock,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.aggregates = AggregateState(sketch_kinds, max_series_per_dimension)
+        self.offset = -1  # highest offset whose event is included
+        self.watermark_ms: int | None = None
+        self.last_event_at = clock()  # wall clock of the last event (idle detection)
+        self._clock = clock
+        self._key_offsets: dict[Key, int] = {}  # from recovery: what each key already holds
+        self._replay_until = -1
+        self._checkpoint_dirty: set[Key] = set()
+        self._flush_dirty: set[Key] = set()
+
+    # -- recovery ----------------------------------------------------------------------------
+    def restore(self, records: Iterable[tuple[Key | None, bytes]]) -> None:
+        """Rebuild from checkpoint records (key None = meta). Restored keys are re-flushed."""
+        for key, value in records:
+            if key is None:
+                offset, watermark = decode_meta(value)
+                self.offset = max(self.offset, offset)
+                self.watermark_ms = watermark
+                continue
+            offset, agg = decode_value(value)
+            self.aggregates.put(key, agg)
+            self._key_offsets[key] = offset
+            self._replay_until = max(self._replay_until, offset)
+        self.offset = max(self.offset, self._replay_until)
+        self._flush_dirty |= set(self.aggregates.take_dirty())
+
+    # -- ingest ------------------------------------------------------------------------------
+    def ingest(self, batch: Sequence[tuple[int, Event]], max_lateness_ms: int) -> IngestResult:
+        """Fold ``(offset, event)`` pairs, in offset order, into the state.
+
+        Events older than the watermark minus the maximum lateness are not applied; their
+        positions are returned so the caller can dead-letter them (reason ``too_late``).
+        Offsets at or below what a key's checkpoint holds are skipped for that key only.
+        """
+        result = IngestResult()
+        fresh: list[Event] = []
+        watermark = self.watermark_ms
+        for position, (offset, event) in enumerate(batch):
+            if offset <= self.offset and offset > self._replay_until:
+                continue  # already ingested (a redelivery)
+            if watermark is not None and event.time_ms < watermark - max_lateness_ms:
+                result.too_late.append(position)
+                continue
+            watermark = event.time_ms if watermark is None else max(watermark, event.time_ms)
+            if offset <= self._replay_until:
+                self.aggregates.ingest([event], accept=lambda key, o=offset: self._key_offsets.get(key, -1) < o)
+            else:
+                fresh.append(event)
+            result.applied += 1
+        if fresh:
+            self.aggregates.ingest(fresh)
+        if batch:
+            last = batch[-1][0]
+            self.offset = max(self.offset, last)
+            self.last_event_at = self._clock()
+            if 0 <= self._replay_until <= last:  # past every key's checkpoint: the fast path again
+                self._key_offsets.clear()
+                self._replay_until = -1
+        self.watermark_ms = watermark
+        dirty = self.aggregates.take_dirty()
+        self._checkpoint_dirty |= dirty
+        self._flush_dirty |= dirty
+        return result
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def checkpoint_records(self) -> list[tuple[bytes, bytes | None]]:
+        """Records for the keys changed since the last call, then the meta record (last, so a
+        crash mid-way leaves the previous meta). Evicted keys get tombstones (None)."""
+        records: list[tuple[bytes, bytes | None]] = []
+        for key in sorted(self._checkpoint_dirty, key=repr):
+            value = encode_value(self.offset, self.aggregates[key]) if key in self.aggregates else None
+            records.append((encode_key(self.topic, self.partition, key), value))
+        self._checkpoint_dirty.clear()
+        records.append((meta_key(self.topic, self.partition), encode_meta(self.offset, self.watermark_ms)))
+        return records
+
+    # -- closing and flushing ----------------------------------------------------------------
+    def closed_hours_before(self, grace_ms: int, idle_ms: int) -> int:
+        """Hours ending at or before the returned time are closed: the watermark passed their end
+        plus grace, or the partition is idle and the wall clock did."""
+        now = self._clock()
+        horizon = (self.watermark_ms if self.watermark_ms is not None else now) - grace_ms
+        if now - self.last_event_at >= idle_ms:
+            horizon = max(horizon, now - grace_ms)
+        return horizon
+
+    def take_flushable(self, grace_ms: int, idle_ms: int) -> list[tuple[Key, Agg]]:
+        """Changed keys of closed hours, to write to the database; they are marked clean."""
+        horizon = self.closed_hours_before(grace_ms, idle_ms)
+        ready = [key for key in self._flush_dirty if key[0] + HOUR_MS <= horizon]
+        for key in ready:
+            self._flush_dirty.discard(key)
+        return [(key, self.aggregates[key]) for key in sorted(ready, key=repr) if key in self.aggregates]
+
+    def unflush(self, keys: Iterable[Key]) -> None:
+        """A database write failed: these keys must be written again."""
+        self._flush_dirty.update(keys)
+
+    def evict(self, max_lateness_ms: int, grace_ms: int) -> int:
+        """Drop hours no event can change any more (older than watermark - max lateness) once
+        written; their checkpoint records become tombstones. Returns how many keys went."""
+        if self.watermark_ms is None:
+            return 0
+        limit = self.watermark_ms - max_lateness_ms - grace_ms
+        hours = [hour for hour in self.aggregates.hours() if hour + HOUR_MS <= limit]
+        pending_hours = {key[0] for key in self._flush_dirty}
+        gone = self.aggregates.pop_hours(hour for hour in hours if hour not in pending_hours)
+        self._checkpoint_dirty |= set(gone)
+        return len(gone)
+
+    @property
+    def open_keys(self) -> int:
+        return len(self.aggregates)
