@@ -138,6 +138,11 @@ class Sketch:
         return self._impl.n
 
     @property
+    def retained(self) -> int:
+        """How many items the sketch holds (its memory is proportional)."""
+        return self._impl.num_retained
+
+    @property
     def is_exact(self) -> bool:
         """True while every value is retained (quantiles are then exact)."""
         return not self._impl.is_estimation_mode()

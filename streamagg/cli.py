@@ -223,3 +223,21 @@ def _stderr_console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+@main.command()
+@_settings_options
+@_fail_cleanly
+@click.pass_context
+def worker(ctx: click.Context, settings: Settings) -> None:
+    """Run the live worker until SIGINT/SIGTERM (a clean stop loses nothing).
+
+    Consumes the four source topics (created with STREAMAGG_PARTITIONS partitions when
+    missing), keeps hour aggregates per partition checkpointed in a Faust table, writes
+    closed hours to PostgreSQL every STREAMAGG_FLUSH_INTERVAL_SECONDS and rolls up their days
+    and weeks; Prometheus metrics on STREAMAGG_METRICS_HOST:STREAMAGG_METRICS_PORT.
+    """
+    from .app import run_worker
+
+    verbose = ctx.find_root().params.get("verbose", 0)
+    run_worker(settings, verbose)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from .aggregate import Row, roll_up
+from collections import defaultdict
+from collections.abc import Iterable
+
+from .aggregate import Key, Row, roll_up
 from .buckets import Granularity, bucket_end_ms, bucket_start_ms
 from .store import Store, WriteResult
 
@@ -44,4 +47,20 @@ async def rollup(store: Store, granularity: Granularity, start_ms: int, end_ms: 
         pending.extend(roll_up(key_rows, granularity))
     result += await store.upsert_rows(pending)
     log.info("rolled up %s rows in [%d, %d): %s", granularity, first, end, result)
+    return result
+
+
+async def rollup_keys(store: Store, granularity: Granularity, hour_keys: Iterable[Key]) -> WriteResult:
+    """Recompute the ``granularity`` rows that contain the given hour keys (after a flush)."""
+    if granularity == "hour":
+        raise ValueError("hour rows come from events, not from roll-ups")
+    by_bucket: defaultdict[int, set[tuple[str, str | None, str | None]]] = defaultdict(set)
+    for hour, metric, dimension_type, dimension_value in hour_keys:
+        by_bucket[bucket_start_ms(hour, granularity)].add((metric, dimension_type, dimension_value))
+    result = WriteResult()
+    for bucket, series in sorted(by_bucket.items()):
+        ordered = sorted(series, key=repr)
+        for i in range(0, len(ordered), _WRITE_BATCH):
+            rows = await store.fetch_hour_rows_of(bucket, bucket_end_ms(bucket, granularity), ordered[i : i + _WRITE_BATCH])
+            result += await store.upsert_rows(roll_up(rows, granularity))
     return result

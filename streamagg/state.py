@@ -213,3 +213,7 @@ class PartitionState:
     @property
     def open_keys(self) -> int:
         return len(self.aggregates)
+
+    def estimated_bytes(self) -> int:
+        """Rough memory of the held aggregates: retained sketch items at 4-8 bytes plus overhead."""
+        return sum(200 + (agg.sketch.retained * 8 if agg.sketch is not None else 0) for _, agg in self.aggregates.items())

@@ -50,6 +50,10 @@ class StoreError(StreamaggError):
         self.retriable = retriable
 
 
+# What a database call can raise that is not a bug of ours.
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
 def _wrap(what: str, exc: BaseException) -> StoreError:
     return StoreError(f"{what}: {type(exc).__name__}: {exc}", retriable=isinstance(exc, _RETRIABLE))
 
@@ -170,7 +174,7 @@ class Store:
     async def open(cls, dsn: str, redacted_dsn: str, max_size: int = 4) -> Store:
         try:
             pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, command_timeout=300)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        except _DB_ERRORS as exc:
             # The message names the redacted DSN only: asyncpg's may quote the password.
             raise StoreError(f"cannot connect to {redacted_dsn}: {type(exc).__name__}", retriable=True) from None
         return cls(pool, redacted_dsn)
@@ -209,7 +213,7 @@ class Store:
                     await conn.execute(sql)
                     await conn.execute("INSERT INTO observability.schema_migrations (name) VALUES ($1)", name)
                     applied.append(name)
-        except asyncpg.PostgresError as exc:
+        except _DB_ERRORS as exc:
             raise _wrap("migration failed", exc) from exc
         return applied
 
@@ -222,7 +226,7 @@ class Store:
             try:
                 async with self._pool.acquire() as own, own.transaction():
                     return await self.upsert_rows(rows, own)
-            except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            except _DB_ERRORS as exc:
                 raise _wrap("upsert failed", exc) from exc
         records = await conn.fetch(_UPSERT, *_columns(rows))
         inserted = sum(1 for r in records if r["inserted"])
@@ -245,7 +249,7 @@ class Store:
                 await conn.execute(_UPSERT_PARTIALS, *_partial_columns(partition, partials))
                 merged = await self._merge_partials(conn, keys)
                 return await self.upsert_rows([agg.to_row(key, "hour") for key, agg in merged.items()], conn)
-        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        except _DB_ERRORS as exc:
             raise _wrap("writing partials failed", exc) from exc
 
     @staticmethod
@@ -284,8 +288,33 @@ class Store:
         try:
             async with self._pool.acquire() as conn:
                 return [_row_from_record(r) for r in await conn.fetch(sql, *args)]
-        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        except _DB_ERRORS as exc:
             raise _wrap("reading rows failed", exc) from exc
+
+    async def fetch_hour_rows_of(
+        self, start_ms: int, end_ms: int, series: Sequence[tuple[str, str | None, str | None]]
+    ) -> list[Row]:
+        """Hour rows in [start, end) of the given (metric, dimension type, dimension value) series."""
+        sql = (
+            f"SELECT {', '.join('t.' + c.strip() for c in _COLUMNS.split(','))} "
+            f"FROM unnest($3::text[], $4::text[], $5::text[]) AS s(m, dt, dv) JOIN {TABLE} t "
+            "ON t.metric_name = s.m AND t.dimension_type IS NOT DISTINCT FROM s.dt "
+            "AND t.dimension_value IS NOT DISTINCT FROM s.dv "
+            "WHERE t.granularity = 'hour' AND t.bucket_time >= $1 AND t.bucket_time < $2"
+        )
+        try:
+            async with self._pool.acquire() as conn:
+                records = await conn.fetch(
+                    sql,
+                    to_datetime(start_ms),
+                    to_datetime(end_ms),
+                    [s[0] for s in series],
+                    [s[1] for s in series],
+                    [s[2] for s in series],
+                )
+        except _DB_ERRORS as exc:
+            raise _wrap("reading hour rows failed", exc) from exc
+        return [_row_from_record(r) for r in records]
 
     async def iter_hour_rows_by_key(self, start_ms: int, end_ms: int, batch: int = 2000) -> AsyncIterator[Row]:
         """Hour rows in [start, end) ordered by key then time, streamed with a server-side cursor
@@ -298,7 +327,7 @@ class Store:
             async with self._pool.acquire() as conn, conn.transaction():
                 async for record in conn.cursor(sql, to_datetime(start_ms), to_datetime(end_ms), prefetch=batch):
                     yield _row_from_record(record)
-        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        except _DB_ERRORS as exc:
             raise _wrap("reading hour rows failed", exc) from exc
 
     async def revisions(self) -> dict[tuple[datetime, str, str, str | None, str | None], int]:

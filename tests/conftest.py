@@ -4,12 +4,15 @@ started, they fail: nothing here skips."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from streamagg.settings import Settings
@@ -47,6 +50,24 @@ def stack_factory() -> Iterator[callable]:
 def stack(stack_factory: callable) -> tuple[Stack, StackInfo]:
     """The session's stack."""
     return stack_factory()
+
+
+@pytest.fixture
+def database(stack: tuple[Stack, StackInfo]) -> str:
+    """A fresh database per test on the session's PostgreSQL, so tests never see each other's rows."""
+    _, info = stack
+    server = info.database_url.rsplit("/", 1)[0]
+    name = f"t_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(f"{server}/postgres")
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return f"{server}/{name}"
 
 
 @pytest.fixture

@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 
 from streamagg.aggregate import AggregateState, roll_up
 from streamagg.buckets import HOUR_MS, bucket_start_ms
 from streamagg.rollup import rollup
 from streamagg.settings import Settings
-from streamagg.stack import Stack, StackInfo
 from streamagg.store import Store
-from tests.oracle import exact_hours
+from streamagg.oracle import exact_hours
 from tests.unit.test_aggregate import START_MS, assert_row_matches, kinds, make_events, stats
-
-
-@pytest.fixture
-def database(stack: tuple[Stack, StackInfo]) -> str:
-    """A fresh database per test on the session's PostgreSQL, so tests never see each other's rows."""
-    _, info = stack
-    name = f"t_{uuid.uuid4().hex[:12]}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(info.database_url.rsplit("/", 1)[0] + "/postgres")
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    return info.database_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 async def open_store(dsn: str) -> Store:

@@ -15,7 +15,7 @@ from streamagg.errors import StateError
 from streamagg.events import Event, validate
 from streamagg.settings import Settings
 from streamagg.synth import Synth, SynthConfig
-from tests.oracle import Exact, exact_hours, exact_rollup, quantiles
+from streamagg.oracle import Exact, exact_hours, exact_rollup, quantiles
 
 START_MS = 1_764_115_200_000  # Wednesday 2025-11-26 00:00 UTC
 RANKS = (0.5, 0.95, 0.99)

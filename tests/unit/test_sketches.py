@@ -8,7 +8,7 @@ import pytest
 
 from sketches import CorruptSketchError, Kind, Sketch, SketchKindError, SketchKindMismatch, sniff_kind
 from streamagg.settings import Settings
-from tests.oracle import percentile_cont
+from streamagg.oracle import percentile_cont
 
 KINDS = ["kll-k200", "kll-k400", "req-hra-k12", "req-hra-k24", "req-hra-k64"]
 RANKS = [0.0, 0.01, 0.25, 0.5, 0.95, 0.99, 1.0]

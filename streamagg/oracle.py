@@ -1,8 +1,9 @@
-"""The exact oracle: rows computed straight from events with plain Python, no sketches.
+"""The exact oracle: aggregates computed straight from events with plain Python, no sketches.
 
 Written independently of ``streamagg.aggregate`` so the two can disagree: it loops event by
 event over the catalogue and the slices and keeps every value. Percentiles follow
-PostgreSQL's ``PERCENTILE_CONT`` (linear interpolation between closest ranks).
+PostgreSQL's ``PERCENTILE_CONT`` (linear interpolation between closest ranks). The tests
+and the demo's accuracy report measure the stored rows against it.
 """
 
 from __future__ import annotations

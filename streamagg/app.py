@@ -1,0 +1,279 @@
+"""The Faust app: the only module that knows faust.App. Wires Kafka to the pipeline, the
+pipeline's checkpoints to a Faust table, and closed hours to PostgreSQL.
+
+Measured behaviour of faust-streaming 0.15.3 this is built around (docs/design.md):
+* Faust's ack-based commits can commit past unacked offsets (faust-streaming#606), and one
+  held ack hangs shutdown. So the source topics have ``acks=False`` and this module commits
+  offsets itself, only up to what a completed checkpoint covers.
+* ``import faust`` reads ``sys.argv`` and settings read environment variables: ``env={}``.
+* Faust does not create source topics reliably: ``topics.ensure_topics`` does, before start.
+* An exception escaping an agent loses its batch: the agent catches, counts, and stops the
+  worker instead (a restart replays from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterable
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.types import TP
+from prometheus_client import CollectorRegistry
+
+from .aggregate import Key
+from .buckets import DAY_MS, WEEK_MS, bucket_start_ms
+from .errors import StreamaggError
+from .pipeline import DeadLetter, Pipeline, RawMessage, TopicPartition
+from .rollup import rollup, rollup_keys
+from .settings import Settings
+from .state import decode_key
+from .store import Store, StoreError
+from .telemetry import Telemetry, serve
+from .topics import deadletter_topic, ensure_topics, source_topics
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX = 10_000
+BATCH_WITHIN_SECONDS = 0.25
+CHECKPOINT_SECONDS = 2.0
+TABLE_NAME = "partials"
+
+
+class Runtime:
+    """What the Faust callbacks share: the pipeline, the table, the store, telemetry."""
+
+    def __init__(self, settings: Settings, telemetry: Telemetry, app: faust.App) -> None:
+        self.settings = settings
+        self.telemetry = telemetry
+        self.app = app
+        self.table = app.Table(
+            TABLE_NAME,
+            default=None,
+            partitions=settings.partitions,
+            key_type=bytes,
+            value_type=bytes,
+        )
+        self.deadletter = app.topic(
+            deadletter_topic(settings), key_type=bytes, key_serializer="raw", value_type=bytes, value_serializer="raw"
+        )
+        self.pipeline = Pipeline(settings, telemetry, self._restore)
+        self._recovered: dict[TopicPartition, list[tuple[Key | None, bytes]]] | None = None
+        self._last_checkpoint = time.monotonic()
+        self._store: Store | None = None
+        self._flush_lock = asyncio.Lock()
+        self._failures = 0
+
+    # -- recovery ----------------------------------------------------------------------------
+    def on_recovered(self) -> None:
+        """Index the recovered table by topic-partition (the table has no per-partition view)."""
+        index: dict[TopicPartition, list[tuple[Key | None, bytes]]] = {}
+        for raw_key, value in self.table.data.items():
+            if value is None:
+                continue
+            topic, partition, key = decode_key(raw_key)
+            index.setdefault((topic, partition), []).append((key, value))
+        self._recovered = index
+        log.info("table recovered: %d partitions, %d records", len(index), sum(map(len, index.values())))
+
+    def _restore(self, topic: str, partition: int) -> list[tuple[Key | None, bytes]]:
+        if self._recovered is None:
+            self.on_recovered()
+        assert self._recovered is not None
+        return self._recovered.pop((topic, partition), [])
+
+    def on_revoked(self, revoked: Iterable[TP]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in revoked}
+        self.pipeline.revoke(gone)
+        self._recovered = None  # the next assignment recovers the table again
+
+    # -- consuming ---------------------------------------------------------------------------
+    async def process(self, events: list[Any]) -> None:
+        messages = [RawMessage(e.message.topic, e.message.partition, e.message.offset, e.value) for e in events]
+        for letter in self.pipeline.process(messages):
+            await self._dead_letter(letter)
+        if time.monotonic() - self._last_checkpoint >= CHECKPOINT_SECONDS:
+            await self.checkpoint()
+
+    async def _dead_letter(self, letter: DeadLetter) -> None:
+        # Buffered send; the next checkpoint's producer flush makes it durable before the
+        # source offset is committed, so a dead letter is never lost.
+        await self.deadletter.send(
+            key=None, value=letter.message.value or b"", partition=None, headers=letter.headers()
+        )
+
+    async def checkpoint(self, commit: bool = True) -> None:
+        """Changed keys -> changelog (explicit partition); flush; then commit the offsets covered."""
+        records = self.pipeline.checkpoint_records()
+        offsets = self.pipeline.offsets()  # same instant as the records: no await in between
+        for (_, partition), items in records.items():
+            for key, value in items:
+                self.table.send_changelog(partition, key, value)
+        await self.app.producer.flush()
+        self._last_checkpoint = time.monotonic()
+        if not commit:
+            return
+        assigned = self.app.consumer.assignment()
+        to_commit = {TP(topic, p): offset + 1 for (topic, p), offset in offsets.items() if offset >= 0}
+        to_commit = {tp: offset for tp, offset in to_commit.items() if tp in assigned}
+        if to_commit:
+            await self.app.consumer._commit(to_commit)
+
+    # -- flushing ----------------------------------------------------------------------------
+    async def store(self) -> Store:
+        if self._store is None:
+            self._store = await Store.open(self.settings.database_url.get_secret_value(), self.settings.redacted_dsn())
+            await self._store.migrate()
+        return self._store
+
+    async def flush(self) -> None:
+        """Write closed hours' partials (and the final rows), then roll up their days and weeks."""
+        async with self._flush_lock:
+            try:
+                store = await self.store()
+            except StoreError as exc:
+                self._failed("connect", exc)
+                return
+            touched: set[Key] = set()
+            for item in self.pipeline.flushable():
+                try:
+                    result = await store.write_partials(item.partition, item.items)
+                except StoreError as exc:
+                    self.pipeline.unflush(item)
+                    self._failed("flush", exc)
+                    continue
+                self.telemetry.rows_written.labels("hour").inc(result.inserted + result.updated)
+                self.telemetry.flush_latency.observe(max(0.0, (time.time() * 1000 - item.closed_at_ms) / 1000))
+                touched.update(key for key, _ in item.items)
+            if touched:
+                try:
+                    for granularity in ("day", "week"):
+                        result = await rollup_keys(store, granularity, touched)
+                        self.telemetry.rows_written.labels(granularity).inc(result.inserted + result.updated)
+                except StoreError as exc:
+                    self._failed("rollup", exc)
+                    return
+            self._failures = 0
+            self.telemetry.last_success.set(time.time())
+            self.pipeline.evict()
+
+    def _failed(self, stage: str, exc: StreamaggError) -> None:
+        self._failures += 1
+        self.telemetry.errors.labels(stage).inc()
+        log.warning("%s failed (%d in a row; state kept, retried next interval): %s", stage, self._failures, exc)
+
+    async def scheduled_rollup(self, now_ms: int) -> None:
+        """01:00 UTC: the previous day, and on Mondays the previous week, from stored hours."""
+        store = await self.store()
+        today = bucket_start_ms(now_ms, "day")
+        await rollup(store, "day", today - DAY_MS, today)
+        week = bucket_start_ms(now_ms, "week")
+        if today == week:
+            await rollup(store, "week", week - WEEK_MS, week)
+
+    async def close(self) -> None:
+        async with self._flush_lock:  # let a running flush finish first
+            if self._store is not None:
+                await self._store.close()
+                self._store = None
+
+
+def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[faust.App, Runtime]:
+    brokers = [f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")]
+    app = faust.App(
+        settings.app_id,
+        env={},  # ignore APP_STORE, BROKER_URL, ...: settings come from streamagg's Settings only
+        broker=brokers,
+        store="memory://",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        table_standby_replicas=0,
+        web_enabled=False,
+        autodiscover=False,
+        datadir=str(datadir),
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        stream_wait_empty=False,
+        timezone=UTC,
+    )
+    runtime = Runtime(settings, telemetry, app)
+    sources = app.topic(
+        *source_topics(settings),
+        key_type=bytes,
+        key_serializer="raw",
+        value_type=bytes,
+        value_serializer="raw",
+        partitions=settings.partitions,
+        acks=False,
+    )
+
+    @app.agent(sources, name="aggregate")
+    async def aggregate(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_SECONDS):
+            try:
+                await runtime.process(list(events))
+            except Exception:  # the one top-level handler: a bug must not silently skip a batch
+                runtime.telemetry.errors.labels("process").inc()
+                log.exception("processing a batch failed; stopping so a restart replays it")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    @app.timer(settings.flush_interval_seconds, name="flush")
+    async def flush() -> None:
+        await runtime.flush()
+
+    @app.crontab("5 * * * *", timezone=UTC)
+    async def close_idle_hours() -> None:
+        await runtime.flush()
+
+    @app.crontab("0 1 * * *", timezone=UTC, on_leader=True)
+    async def daily_rollup() -> None:
+        await runtime.scheduled_rollup(int(time.time() * 1000))
+
+    @runtime.table.on_recover
+    async def recovered() -> None:
+        runtime.on_recovered()
+
+    @app.on_partitions_revoked.connect
+    async def revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        runtime.on_revoked(revoked)
+
+    @app.on_before_shutdown.connect
+    async def before_shutdown(sender: Any, **kwargs: Any) -> None:
+        try:
+            await runtime.checkpoint(commit=False)  # the consumer is gone: no commit, less replay
+        finally:
+            await runtime.close()
+
+    return app, runtime
+
+
+def run_worker(settings: Settings, verbose: int = 0) -> None:
+    """`streamagg worker`: runs until SIGINT/SIGTERM; raises SystemExit with the exit status."""
+    ensure_topics(settings)
+    registry = CollectorRegistry()
+    telemetry = Telemetry(registry)
+    # Faust insists on a data directory even with in-memory tables: a private throwaway one.
+    datadir = Path(tempfile.mkdtemp(prefix=f"streamagg-faust-{settings.app_id}-"))
+    app, runtime = build_app(settings, telemetry, datadir)
+    telemetry.watch(lambda: runtime.pipeline.health())
+    server, _ = serve(registry, settings.metrics_host, settings.metrics_port)
+    log.info(
+        "worker %s: kafka %s, database %s, metrics http://%s:%d/metrics",
+        settings.app_id, settings.kafka_bootstrap, settings.redacted_dsn(), settings.metrics_host, server.server_port,
+    )  # fmt: skip
+    worker = faust.Worker(app, loglevel="DEBUG" if verbose >= 2 else "WARNING", quiet=True)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        server.shutdown()
+        shutil.rmtree(datadir, ignore_errors=True)
+

@@ -1,0 +1,187 @@
+"""The worker's processing, without Faust: raw messages in; dead letters, checkpoint records
+and rows to write out. ``app.py`` wires it to Kafka (Faust) and PostgreSQL (store).
+
+Every input is a :class:`RawMessage` (topic, partition, offset, value). Per topic-partition
+there is one :class:`~streamagg.state.PartitionState`, created on the partition's first
+message from its recovered checkpoint records (``restore`` callable).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .aggregate import Agg, Key
+from .buckets import HOUR_MS
+from .events import EventKind, Reason, Rejected, decode
+from .settings import Settings
+from .state import Clock, PartitionState
+from .telemetry import PartitionHealth, Telemetry
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    message: RawMessage
+    reason: Reason
+    detail: str
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("reason", self.reason.value.encode()),
+            ("source_topic", self.message.topic.encode()),
+            ("source_partition", str(self.message.partition).encode()),
+            ("source_offset", str(self.message.offset).encode()),
+            ("detail", self.detail[:500].encode()),
+        ]
+
+
+@dataclass
+class Flushable:
+    """Keys of closed hours of one topic-partition, ready for the database."""
+
+    topic: str
+    partition: int
+    items: list[tuple[Key, Agg]] = field(default_factory=list)
+    closed_at_ms: int = 0  # when their hour closed (flush latency = commit time - this)
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        telemetry: Telemetry,
+        restore: Callable[[str, int], Iterable[tuple[Key | None, bytes]]],
+        clock: Clock = wall_clock_ms,
+    ) -> None:
+        self._settings = settings
+        self._telemetry = telemetry
+        self._restore = restore
+        self._clock = clock
+        self._kinds = settings.metric_sketch_kinds()
+        self._topic_kinds: dict[str, EventKind] = {
+            settings.topic(kind): kind for kind in ("traces", "spans", "document_events", "chat_messages")
+        }
+        self.states: dict[TopicPartition, PartitionState] = {}
+        self._max_lateness_ms = settings.max_lateness_seconds * 1000
+        self._grace_ms = settings.grace_seconds * 1000
+        self._idle_ms = int(max(2 * settings.flush_interval_seconds, 1.0) * 1000)
+
+    # -- consuming ---------------------------------------------------------------------------
+    def state_for(self, topic: str, partition: int) -> PartitionState:
+        state = self.states.get((topic, partition))
+        if state is None:
+            state = PartitionState(topic, partition, self._kinds, self._settings.max_series_per_dimension, self._clock)
+            state.restore(self._restore(topic, partition))
+            if state.offset >= 0:
+                log.info("restored %s[%d] up to offset %d: %d keys", topic, partition, state.offset, state.open_keys)
+            self.states[(topic, partition)] = state
+        return state
+
+    def process(self, messages: Sequence[RawMessage]) -> list[DeadLetter]:
+        """Validate and aggregate a batch (any topics and partitions, each in offset order)."""
+        started = time.perf_counter()
+        dead: list[DeadLetter] = []
+        groups: defaultdict[TopicPartition, list[RawMessage]] = defaultdict(list)
+        for message in messages:
+            groups[(message.topic, message.partition)].append(message)
+        applied = 0
+        for (topic, partition), group in groups.items():
+            kind = self._topic_kinds[topic]
+            self._telemetry.events_consumed.labels(topic).inc(len(group))
+            valid = []
+            for message in group:
+                try:
+                    valid.append((message.offset, decode(kind, message.value or b"")))
+                except Rejected as exc:
+                    dead.append(DeadLetter(message, exc.reason, exc.detail))
+            state = self.state_for(topic, partition)
+            horizon = state.closed_hours_before(self._grace_ms, self._idle_ms)
+            late = sum(1 for _, event in valid if event.time_ms // HOUR_MS * HOUR_MS + HOUR_MS <= horizon)
+            result = state.ingest(valid, self._max_lateness_ms)
+            applied += result.applied
+            for position in result.too_late:
+                offset, event = valid[position]
+                message = next(m for m in group if m.offset == offset)
+                dead.append(DeadLetter(message, Reason.TOO_LATE, f"event time {event.time_ms} ms is older than "
+                                       f"watermark {state.watermark_ms} ms - {self._max_lateness_ms} ms"))  # fmt: skip
+            self._telemetry.too_late.inc(len(result.too_late))
+            self._telemetry.late_events.inc(max(0, late - len(result.too_late)))
+        for letter in dead:
+            self._telemetry.events_rejected.labels(letter.reason.value).inc()
+        self._telemetry.records_processed.inc(applied)
+        self._telemetry.aggregation_duration.observe(time.perf_counter() - started)
+        return dead
+
+    def revoke(self, partitions: Iterable[TopicPartition]) -> None:
+        """Forget partitions this worker no longer owns (their checkpoints live on in the table)."""
+        for tp in partitions:
+            self.states.pop(tp, None)
+
+    # -- checkpointing -----------------------------------------------------------------------
+    def checkpoint_records(self) -> dict[TopicPartition, list[tuple[bytes, bytes | None]]]:
+        """Every partition's changed keys and meta record, for the changelog partition of its own."""
+        return {tp: state.checkpoint_records() for tp, state in self.states.items()}
+
+    def offsets(self) -> dict[TopicPartition, int]:
+        return {tp: state.offset for tp, state in self.states.items()}
+
+    # -- flushing ----------------------------------------------------------------------------
+    def flushable(self) -> list[Flushable]:
+        out = []
+        for (topic, partition), state in self.states.items():
+            items = state.take_flushable(self._grace_ms, self._idle_ms)
+            if items:
+                closed = max(key[0] for key, _ in items) + HOUR_MS + self._grace_ms
+                out.append(Flushable(topic, partition, items, closed))
+        return out
+
+    def unflush(self, flushable: Flushable) -> None:
+        state = self.states.get((flushable.topic, flushable.partition))
+        if state is not None:
+            state.unflush(key for key, _ in flushable.items)
+
+    def evict(self) -> int:
+        return sum(state.evict(self._max_lateness_ms, self._grace_ms) for state in self.states.values())
+
+    def caught_up_to(self) -> int | None:
+        """The oldest watermark over owned partitions (None before any event)."""
+        marks = [s.watermark_ms for s in self.states.values() if s.watermark_ms is not None]
+        return min(marks) if marks else None
+
+    def health(self, end_offsets: dict[TopicPartition, int] | None = None) -> list[PartitionHealth]:
+        now = self._clock()
+        out = []
+        for (topic, partition), state in list(self.states.items()):
+            lag = None
+            if end_offsets and (topic, partition) in end_offsets:
+                lag = max(0, end_offsets[(topic, partition)] - 1 - state.offset)
+            out.append(
+                PartitionHealth(
+                    topic=topic,
+                    partition=partition,
+                    open_buckets=state.open_keys,
+                    open_bytes=state.estimated_bytes(),
+                    consumer_lag_records=lag,
+                    watermark_lag_seconds=None if state.watermark_ms is None else (now - state.watermark_ms) / 1000,
+                )
+            )
+        return out

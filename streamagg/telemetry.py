@@ -1,0 +1,111 @@
+"""The worker's health in Prometheus, on an injected registry (tests use a fresh one).
+
+Counters and histograms are updated as work happens; values that are a property of the
+current state (open buckets, consumer lag, watermark lag) are computed at scrape time by a
+custom collector asking the worker, so they are never stale.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+NAMESPACE = "observability"
+
+
+@dataclass(frozen=True)
+class PartitionHealth:
+    topic: str
+    partition: int
+    open_buckets: int
+    open_bytes: int
+    consumer_lag_records: int | None
+    watermark_lag_seconds: float | None
+
+
+@dataclass
+class Telemetry:
+    registry: CollectorRegistry
+    aggregation_duration: Histogram = field(init=False)
+    records_processed: Counter = field(init=False)
+    last_success: Gauge = field(init=False)
+    errors: Counter = field(init=False)
+    events_consumed: Counter = field(init=False)
+    events_rejected: Counter = field(init=False)
+    late_events: Counter = field(init=False)
+    too_late: Counter = field(init=False)
+    flush_latency: Histogram = field(init=False)
+    rows_written: Counter = field(init=False)
+
+    def __post_init__(self) -> None:
+        r, ns = self.registry, NAMESPACE
+        self.aggregation_duration = Histogram(
+            "aggregation_duration_seconds", "Time to validate and aggregate one batch of events",
+            namespace=ns, registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )  # fmt: skip
+        self.records_processed = Counter(
+            "aggregation_records_processed", "Events folded into aggregates", namespace=ns, registry=r
+        )
+        self.last_success = Gauge(
+            "aggregation_last_success", "Unix time of the last successful flush to PostgreSQL", namespace=ns, registry=r
+        )
+        self.errors = Counter(
+            "aggregation_errors", "Errors by stage (flush, checkpoint, deadletter, ...)", ["stage"], namespace=ns, registry=r
+        )
+        self.events_consumed = Counter("events_consumed", "Events read, by topic", ["topic"], namespace=ns, registry=r)
+        self.events_rejected = Counter(
+            "events_rejected", "Events sent to the dead letter topic, by reason", ["reason"], namespace=ns, registry=r
+        )
+        self.late_events = Counter(
+            "late_events", "Events for an hour that had already closed (still applied)", namespace=ns, registry=r
+        )
+        self.too_late = Counter(
+            "events_too_late", "Events older than watermark - max lateness (dead-lettered)", namespace=ns, registry=r
+        )
+        self.flush_latency = Histogram(
+            "flush_latency_seconds", "From an hour closing to its rows committed", namespace=ns, registry=r,
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )  # fmt: skip
+        self.rows_written = Counter(
+            "rows_written", "Final rows inserted or changed in metrics_aggregates", ["granularity"], namespace=ns, registry=r
+        )
+
+    def watch(self, health: Callable[[], list[PartitionHealth]]) -> None:
+        """Expose scrape-time state through ``health`` (called on every scrape)."""
+        self.registry.register(_HealthCollector(health))
+
+
+class _HealthCollector(Collector):
+    def __init__(self, health: Callable[[], list[PartitionHealth]]) -> None:
+        self._health = health
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["topic", "partition"]
+        open_buckets = GaugeMetricFamily(f"{NAMESPACE}_open_buckets", "Aggregates held in memory", labels=labels)
+        open_bytes = GaugeMetricFamily(
+            f"{NAMESPACE}_open_buckets_bytes", "Estimated bytes of the aggregates held in memory", labels=labels
+        )
+        lag = GaugeMetricFamily(f"{NAMESPACE}_consumer_lag_records", "Records behind the end of the partition", labels=labels)
+        watermark = GaugeMetricFamily(
+            f"{NAMESPACE}_watermark_lag_seconds", "Wall clock minus the partition's watermark", labels=labels
+        )
+        for item in self._health():
+            values = [item.topic, str(item.partition)]
+            open_buckets.add_metric(values, item.open_buckets)
+            open_bytes.add_metric(values, item.open_bytes)
+            if item.consumer_lag_records is not None:
+                lag.add_metric(values, item.consumer_lag_records)
+            if item.watermark_lag_seconds is not None:
+                watermark.add_metric(values, item.watermark_lag_seconds)
+        yield from (open_buckets, open_bytes, lag, watermark)
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+    """``/metrics`` over HTTP in a daemon thread; ``server.shutdown()`` stops it."""
+    return start_http_server(port, addr=host, registry=registry)
