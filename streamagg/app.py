@@ -71,6 +71,7 @@ class Runtime:
         self._store: Store | None = None
         self._flush_lock = asyncio.Lock()
         self._failures = 0
+        self._pending_deliveries: list[asyncio.Future] = []
 
     # -- recovery ----------------------------------------------------------------------------
     def on_recovered(self) -> None:
@@ -104,20 +105,25 @@ class Runtime:
             await self.checkpoint()
 
     async def _dead_letter(self, letter: DeadLetter) -> None:
-        # Buffered send; the next checkpoint's producer flush makes it durable before the
-        # source offset is committed, so a dead letter is never lost.
-        await self.deadletter.send(
+        # Buffered send; the next checkpoint awaits its delivery before the source offset is
+        # committed, so a dead letter is never lost.
+        delivery = await self.deadletter.send(
             key=None, value=letter.message.value or b"", partition=None, headers=letter.headers()
         )
+        self._pending_deliveries.append(delivery)
 
     async def checkpoint(self, commit: bool = True) -> None:
         """Changed keys -> changelog (explicit partition); flush; then commit the offsets covered."""
         records = self.pipeline.checkpoint_records()
         offsets = self.pipeline.offsets()  # same instant as the records: no await in between
+        deliveries, self._pending_deliveries = self._pending_deliveries, []
         for (_, partition), items in records.items():
             for key, value in items:
-                self.table.send_changelog(partition, key, value)
+                deliveries.append(self.table.send_changelog(partition, key, value))
+        # Faust's producer.flush() gives up on its buffer after 0.1 s without progress, so it
+        # proves nothing: wait for every record's own acknowledgement (acks=all) instead.
         await self.app.producer.flush()
+        await asyncio.gather(*deliveries)
         self._last_checkpoint = time.monotonic()
         if not commit:
             return
@@ -144,8 +150,10 @@ class Runtime:
                 return
             touched: set[Key] = set()
             for item in self.pipeline.flushable():
+                if not self.pipeline.owns(item.topic, item.partition):
+                    continue  # revoked while this flush ran: the new owner writes it
                 try:
-                    result = await store.write_partials(item.partition, item.items)
+                    result = await store.write_partials(item.partition, item.items, item.offset)
                 except StoreError as exc:
                     self.pipeline.unflush(item)
                     self._failed("flush", exc)
@@ -202,6 +210,9 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         stream_wait_empty=False,
+        broker_session_timeout=settings.session_timeout_seconds,
+        broker_heartbeat_interval=settings.session_timeout_seconds / 10,
+        producer_max_request_size=16 * 1024 * 1024,
         timezone=UTC,
     )
     runtime = Runtime(settings, telemetry, app)

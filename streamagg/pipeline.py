@@ -58,6 +58,7 @@ class Flushable:
     partition: int
     items: list[tuple[Key, Agg]] = field(default_factory=list)
     closed_at_ms: int = 0  # when their hour closed (flush latency = commit time - this)
+    offset: int = -1  # the partition offset the items include
 
 
 def wall_clock_ms() -> int:
@@ -151,8 +152,11 @@ class Pipeline:
             items = state.take_flushable(self._grace_ms, self._idle_ms)
             if items:
                 closed = max(key[0] for key, _ in items) + HOUR_MS + self._grace_ms
-                out.append(Flushable(topic, partition, items, closed))
+                out.append(Flushable(topic, partition, items, closed, state.offset))
         return out
+
+    def owns(self, topic: str, partition: int) -> bool:
+        return (topic, partition) in self.states
 
     def unflush(self, flushable: Flushable) -> None:
         state = self.states.get((flushable.topic, flushable.partition))

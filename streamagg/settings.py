@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     sketch_kinds: dict[str, str] = Field(
         default_factory=dict, description='per-metric sketch kinds, JSON, e.g. {"trace.tokens": "kll-k200"}'
     )
+    session_timeout_seconds: float = Field(
+        30.0, ge=6, le=1800, description="Kafka group session timeout: how soon a dead worker's partitions move"
+    )
     stack_dir: Path = Field(default_factory=_default_stack_dir, description="state of `streamagg stack` (throwaway)")
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="cache of the Kafka jars from Maven Central")
 

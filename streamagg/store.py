@@ -94,13 +94,16 @@ RETURNING (xmax = 0) AS inserted
 
 _UPSERT_PARTIALS = f"""
 INSERT INTO {PARTIALS} AS t (bucket_time, metric_name, dimension_type, dimension_value, source_partition,
-                             count, sum_parts, min_value, max_value, sketch, sketch_kind, value_fingerprint)
+                             count, sum_parts, min_value, max_value, sketch, sketch_kind, value_fingerprint,
+                             source_offset)
 SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bigint[],
-                     $7::bytea[], $8::float8[], $9::float8[], $10::bytea[], $11::text[], $12::bigint[])
+                     $7::bytea[], $8::float8[], $9::float8[], $10::bytea[], $11::text[], $12::bigint[],
+                     $13::bigint[])
 ON CONFLICT ON CONSTRAINT metrics_partials_key DO UPDATE SET
     count = EXCLUDED.count, sum_parts = EXCLUDED.sum_parts, min_value = EXCLUDED.min_value,
     max_value = EXCLUDED.max_value, sketch = EXCLUDED.sketch, sketch_kind = EXCLUDED.sketch_kind,
-    value_fingerprint = EXCLUDED.value_fingerprint, updated_at = now()
+    value_fingerprint = EXCLUDED.value_fingerprint, source_offset = EXCLUDED.source_offset, updated_at = now()
+WHERE EXCLUDED.source_offset >= t.source_offset
 """
 
 _SELECT_PARTIALS = f"""
@@ -108,8 +111,8 @@ SELECT p.bucket_time, p.metric_name, p.dimension_type, p.dimension_value, p.coun
        p.min_value, p.max_value, p.sketch, p.sketch_kind, p.value_fingerprint
 FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[]) AS k(b, m, dt, dv)
 JOIN {PARTIALS} p
-  ON p.bucket_time = k.b AND p.metric_name = k.m
- AND p.dimension_type IS NOT DISTINCT FROM k.dt AND p.dimension_value IS NOT DISTINCT FROM k.dv
+  ON p.metric_name = k.m AND coalesce(p.dimension_type, '') = coalesce(k.dt, '')
+ AND coalesce(p.dimension_value, '') = coalesce(k.dv, '') AND p.bucket_time = k.b
 ORDER BY p.source_partition
 """
 
@@ -232,9 +235,15 @@ class Store:
         inserted = sum(1 for r in records if r["inserted"])
         return WriteResult(inserted, len(records) - inserted, len(rows) - len(records))
 
-    async def write_partials(self, partition: int, partials: Sequence[tuple[Key, Agg]]) -> WriteResult:
+    async def write_partials(
+        self, partition: int, partials: Sequence[tuple[Key, Agg]], source_offset: int = -1
+    ) -> WriteResult:
         """Overwrite one source partition's partial aggregates of closed hours and, in the same
-        transaction, re-derive the final hour rows of the touched keys from all partitions."""
+        transaction, re-derive the final hour rows of the touched keys from all partitions.
+
+        ``source_offset`` is the partition offset the partials include; a stored partial that
+        includes more (a newer owner's) is left alone.
+        """
         if not partials:
             return WriteResult()
         keys = sorted({key for key, _ in partials}, key=repr)
@@ -246,7 +255,7 @@ class Store:
                     "SELECT pg_advisory_xact_lock(id) FROM unnest($1::bigint[]) AS id ORDER BY id",
                     sorted({_key_lock_id(key) for key in keys}),
                 )
-                await conn.execute(_UPSERT_PARTIALS, *_partial_columns(partition, partials))
+                await conn.execute(_UPSERT_PARTIALS, *_partial_columns(partition, partials, source_offset))
                 merged = await self._merge_partials(conn, keys)
                 return await self.upsert_rows([agg.to_row(key, "hour") for key, agg in merged.items()], conn)
         except _DB_ERRORS as exc:
@@ -298,8 +307,8 @@ class Store:
         sql = (
             f"SELECT {', '.join('t.' + c.strip() for c in _COLUMNS.split(','))} "
             f"FROM unnest($3::text[], $4::text[], $5::text[]) AS s(m, dt, dv) JOIN {TABLE} t "
-            "ON t.metric_name = s.m AND t.dimension_type IS NOT DISTINCT FROM s.dt "
-            "AND t.dimension_value IS NOT DISTINCT FROM s.dv "
+            "ON t.metric_name = s.m AND coalesce(t.dimension_type, '') = coalesce(s.dt, '') "
+            "AND coalesce(t.dimension_value, '') = coalesce(s.dv, '') "
             "WHERE t.granularity = 'hour' AND t.bucket_time >= $1 AND t.bucket_time < $2"
         )
         try:
@@ -344,7 +353,7 @@ class Store:
             return await conn.execute(sql, *args)
 
 
-def _partial_columns(partition: int, partials: Sequence[tuple[Key, Agg]]) -> list[list[Any]]:
+def _partial_columns(partition: int, partials: Sequence[tuple[Key, Agg]], source_offset: int) -> list[list[Any]]:
     full = [agg.sketch is not None for _, agg in partials]
     return [
         [to_datetime(key[0]) for key, _ in partials],
@@ -359,6 +368,7 @@ def _partial_columns(partition: int, partials: Sequence[tuple[Key, Agg]]) -> lis
         [agg.sketch.serialize() if agg.sketch is not None else None for _, agg in partials],
         [str(agg.sketch.kind) if agg.sketch is not None else None for _, agg in partials],
         [exact.to_signed64(agg.fingerprint) if f else None for (_, agg), f in zip(partials, full, strict=True)],
+        [source_offset] * len(partials),
     ]
 
 

@@ -26,7 +26,13 @@ def test_migrate_is_idempotent_and_versioned(database: str) -> None:
     async def run() -> None:
         async with await Store.open(database, database) as store:
             first = await store.migrate()
-            assert first == ["001_metrics_aggregates.sql", "002_metrics_partials.sql", "003_hypertable.sql"]
+            assert first == [
+                "001_metrics_aggregates.sql",
+                "002_metrics_partials.sql",
+                "003_hypertable.sql",
+                "004_series_indexes.sql",
+                "005_partials_fence.sql",
+            ]
             assert await store.migrate() == []
             await asyncio.gather(store.migrate(), store.migrate())  # concurrent runs serialise
 
@@ -107,6 +113,14 @@ def test_partials_from_partitions_merge_to_the_oracle(database: str) -> None:
             result = await store.write_partials(1, list(partitions[1].items()))
             assert result.updated == 0 and result.inserted == 0
             assert await store.revisions() == before
+            # A stale writer (older offset) cannot overwrite a newer partial.
+            await store.write_partials(2, list(partitions[2].items()), source_offset=100)
+            stale = AggregateState(kinds(), 10_000)
+            stale.ingest(events[2:300:3])
+            await store.write_partials(2, list(stale.items()), source_offset=50)
+            rows = {row.key: row for row in await store.fetch_rows("hour", START_MS, START_MS + 2 * HOUR_MS)}
+            for key, exact in oracle.items():
+                assert_row_matches(rows[key], exact)
 
     asyncio.run(run())
 
