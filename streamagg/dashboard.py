@@ -25,20 +25,26 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-def dashboard(hour_rows: Iterable[Row], day_rows: Iterable[Row], hour_label: str, day_label: str) -> Table:
-    """Per metric and natural dimension value: count, avg, p50, p95, p99 for an hour and a day."""
-    hours = {(r.metric_name, r.dimension_value): r for r in hour_rows if _natural(r)}
-    days = {(r.metric_name, r.dimension_value): r for r in day_rows if _natural(r)}
+def dashboard(
+    hour_rows: Iterable[Row], day_rows: Iterable[Row], hour_label: str, day_label: str, top: int = 6
+) -> Table:
+    """Per metric: all, then its natural dimension's ``top`` values by the day's count: count,
+    avg, p50, p95, p99 for an hour and a day."""
+    hours = {(r.metric_name, r.dimension_value): r for r in hour_rows if _natural(r) or r.dimension_type is None}
+    days = {(r.metric_name, r.dimension_value): r for r in day_rows if _natural(r) or r.dimension_type is None}
     table = Table(title=f"streamagg dashboard: last hour {hour_label}, day {day_label}", show_lines=False)
     table.add_column("metric")
-    table.add_column("by")
+    table.add_column("by", no_wrap=True, min_width=28)
     for scope in ("hour", "day"):
         for stat in ("count", "avg", "p50", "p95", "p99"):
             table.add_column(f"{scope} {stat}", justify="right")
     for metric in METRICS:
-        values = sorted({value for name, value in {**hours, **days} if name == metric.name})
+        named = {value for name, value in {**hours, **days} if name == metric.name and value is not None}
+        busiest = sorted(named, key=lambda v: (-(days[(metric.name, v)].count if (metric.name, v) in days else 0), v))
+        values: list[str | None] = [None, *busiest[:top]]
         for i, value in enumerate(values):
-            cells = [metric.name if i == 0 else "", f"{metric.natural_dimension}={value}"]
+            label = "(all)" if value is None else f"{metric.natural_dimension}={value}"
+            cells = [metric.name if i == 0 else "", label]
             for source in (hours, days):
                 row = source.get((metric.name, value))
                 cells += (

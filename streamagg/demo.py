@@ -1,0 +1,219 @@
+"""`streamagg demo`: the main job on embedded defaults, end to end on real parts.
+
+1. Kafka and PostgreSQL: the configured ones, or (when neither is configured) the local
+   stack, started if needed; a fresh database and fresh topics for this run.
+2. A few hours of synthetic telemetry ending in the past, produced to Kafka.
+3. The live worker (a real ``streamagg worker`` process) until those hours are flushed and
+   rolled up, then stopped with SIGTERM.
+4. A dashboard of the stored rows, and their accuracy against exact values computed from the
+   same events. Exit 0 only if every row is present and count/sum/min/max are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+from rich.console import Console
+from rich.table import Table
+
+from .buckets import HOUR_MS, bucket_start_ms, to_datetime
+from .dashboard import Accuracy, accuracy, dashboard
+from .errors import StreamaggError
+from .events import validate
+from .generate import generate
+from .oracle import exact_hours, exact_rollup
+from .rollup import rollup
+from .settings import Settings
+from .stack import Stack, free_port
+from .store import Store
+from .synth import Synth
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    hours: int = 4
+    events_per_hour: int = 20_000
+    seed: int = 7
+    timeout_seconds: float = 600.0
+
+
+class DemoFailed(StreamaggError):
+    pass
+
+
+def run_demo(settings: Settings, plan: DemoPlan, console: Console, err: Console) -> bool:
+    settings = _target(settings, err)
+    run = uuid.uuid4().hex[:8]
+    database = asyncio.run(_fresh_database(settings, f"streamagg_demo_{run}"))
+    settings = settings.model_copy(
+        update={
+            "database_url": settings.database_url.__class__(database),
+            "topic_prefix": f"demo-{run}.",
+            "app_id": f"streamagg-demo-{run}",
+            "partitions": 4,
+            "flush_interval_seconds": 2.0,
+            "grace_seconds": 5,
+            "session_timeout_seconds": 6.0,
+            "metrics_port": free_port(),
+        }
+    )
+    start = bucket_start_ms(int(time.time() * 1000), "hour") - plan.hours * HOUR_MS
+    end = start + plan.hours * HOUR_MS
+    err.print(f"[bold]1.[/] producing {plan.hours} h x {plan.events_per_hour:,} events "
+              f"({to_datetime(start):%Y-%m-%d %H:%M} to {to_datetime(end):%H:%M} UTC) to topics {settings.topic_prefix}*")  # fmt: skip
+    produced = asyncio.run(generate(settings, plan.hours, plan.events_per_hour, plan.seed, start))
+    events = [validate(kind, event) for kind, _, event in Synth(plan.seed).events(start, plan.hours, plan.events_per_hour)]
+    hours = exact_hours(events)
+    expected = {key: exact.count for key, exact in hours.items()}
+
+    err.print(f"[bold]2.[/] running the worker on {produced.total:,} events; metrics on "
+              f"http://{settings.metrics_host}:{settings.metrics_port}/metrics")  # fmt: skip
+    started = time.monotonic()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "streamagg", "--quiet", "worker"],
+        env={**_env_without_settings(), **_as_env(settings)},
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        with err.status("waiting for the hours to be flushed and rolled up") as status:
+            asyncio.run(_wait_for_rows(settings, expected, worker, plan.timeout_seconds, status))
+        elapsed = time.monotonic() - started
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    err.print(f"    all {len(expected):,} hour rows stored after {elapsed:.1f} s; worker stopped (exit {worker.returncode})")
+
+    err.print("[bold]3.[/] rolling up days and weeks from the stored hours")
+    rows = asyncio.run(_rollups_and_rows(settings, start, end))
+    last_hour = end - HOUR_MS
+    day = bucket_start_ms(last_hour, "day")
+    console.print(
+        dashboard(
+            [r for r in rows["hour"] if r.bucket_ms == last_hour],
+            [r for r in rows["day"] if r.bucket_ms == day],
+            f"{to_datetime(last_hour):%Y-%m-%d %H:00}",
+            f"{to_datetime(day):%Y-%m-%d}",
+        )
+    )
+    results = {"hour": accuracy(rows["hour"], hours)}
+    for granularity in ("day", "week"):
+        rolled = exact_rollup(hours, granularity)
+        results[granularity] = accuracy(
+            rows[granularity], {k: v[0] for k, v in rolled.items()}, {k: v[1] for k, v in rolled.items()}
+        )
+    console.print(_accuracy_table(results))
+    ok = all(result.ok for result in results.values())
+    console.print(
+        f"{produced.total:,} events, {sum(r.rows for r in results.values()):,} rows compared with exact values: "
+        + ("[green]every row present; count, sum, min and max exact[/]" if ok else "[red]MISMATCH[/]")
+    )
+    return ok
+
+
+def _target(settings: Settings, err: Console) -> Settings:
+    configured = {"STREAMAGG_KAFKA_BOOTSTRAP", "STREAMAGG_DATABASE_URL"} & set(os.environ)
+    if configured:
+        err.print(f"[bold]0.[/] using the configured Kafka {settings.kafka_bootstrap} and PostgreSQL {settings.redacted_dsn()}")
+        return settings
+    err.print(f"[bold]0.[/] no Kafka/PostgreSQL configured: starting the local stack in {settings.stack_dir}")
+    info = Stack(settings.stack_dir, settings.cache_dir).up()
+    return settings.model_copy(
+        update={"kafka_bootstrap": info.kafka_bootstrap, "database_url": settings.database_url.__class__(info.database_url)}
+    )
+
+
+async def _fresh_database(settings: Settings, name: str) -> str:
+    dsn = settings.database_url.get_secret_value()
+    server = dsn.rsplit("/", 1)[0]
+    try:
+        conn = await asyncpg.connect(f"{server}/postgres", timeout=10)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise DemoFailed(f"cannot reach PostgreSQL at {settings.redacted_dsn()}: {type(exc).__name__}") from None
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return f"{server}/{name}"
+
+
+def _as_env(settings: Settings) -> dict[str, str]:
+    import json
+
+    out = {}
+    for name, value in settings.model_dump().items():
+        if name == "database_url":
+            value = settings.database_url.get_secret_value()
+        out[f"STREAMAGG_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
+    return out
+
+
+def _env_without_settings() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAMAGG_")}
+
+
+async def _wait_for_rows(
+    settings: Settings, expected: dict, worker: subprocess.Popen, timeout: float, status: object
+) -> None:
+    deadline = time.monotonic() + timeout
+    hours = sorted({key[0] for key in expected})
+    async with await Store.open(settings.database_url.get_secret_value(), settings.redacted_dsn()) as store:
+        while True:
+            if worker.poll() is not None:
+                raise DemoFailed(f"the worker exited with status {worker.returncode}")
+            try:
+                rows = await store.fetch_rows("hour", hours[0], hours[-1] + HOUR_MS)
+            except StreamaggError:
+                rows = []  # the worker has not created the schema yet
+            got = {row.key: row.count for row in rows}
+            done = sum(1 for key, count in expected.items() if got.get(key) == count)
+            status.update(f"waiting for the hours to be flushed: {done:,}/{len(expected):,} rows final")  # type: ignore[attr-defined]
+            if got == expected:
+                return
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"only {done:,} of {len(expected):,} hour rows were final after {timeout:.0f} s")
+            await asyncio.sleep(0.5)
+
+
+async def _rollups_and_rows(settings: Settings, start: int, end: int) -> dict:
+    async with await Store.open(settings.database_url.get_secret_value(), settings.redacted_dsn()) as store:
+        for granularity in ("day", "week"):
+            await rollup(store, granularity, start, end)  # type: ignore[arg-type]
+        week = bucket_start_ms(start, "week")
+        return {
+            granularity: await store.fetch_rows(granularity, week, end + 7 * 24 * HOUR_MS)  # type: ignore[arg-type]
+            for granularity in ("hour", "day", "week")
+        }
+
+
+def _accuracy_table(results: dict[str, Accuracy]) -> Table:
+    table = Table(title="accuracy against exact values computed from the same events")
+    for column in ("granularity", "rows", "missing", "extra", "count/sum/min/max exact",
+                   "p50 worst err", "p95 worst err", "p99 worst err", "p99 worst err, >=1000 values"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for granularity, result in results.items():
+        exact_rows = result.rows - len(result.exact_mismatches)
+        table.add_row(
+            granularity,
+            f"{result.rows:,}",
+            str(len(result.missing)),
+            str(len(result.extra)),
+            f"{exact_rows:,}/{result.rows:,}",
+            *(f"{result.worst_error[rank]:.3%}" for rank in (0.5, 0.95, 0.99)),
+            f"{result.worst_error_large[0.99]:.3%}",
+        )
+    return table
