@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 10_000
 BATCH_WITHIN_SECONDS = 0.25
-CHECKPOINT_SECONDS = 2.0
 TABLE_NAME = "partials"
 
 
@@ -72,6 +71,9 @@ class Runtime:
         self._flush_lock = asyncio.Lock()
         self._failures = 0
         self._pending_deliveries: list[asyncio.Future] = []
+        self._checkpoint_lock = asyncio.Lock()
+        self._ready: set[TP] = set()  # source partitions recovered in this generation
+        self.failed = False  # set when the worker stops because of an internal error
 
     # -- recovery ----------------------------------------------------------------------------
     def on_recovered(self) -> None:
@@ -83,6 +85,8 @@ class Runtime:
             topic, partition, key = decode_key(raw_key)
             index.setdefault((topic, partition), []).append((key, value))
         self._recovered = index
+        sources = set(source_topics(self.settings))
+        self._ready = {tp for tp in self.app.consumer.assignment() if tp.topic in sources}
         log.info("table recovered: %d partitions, %d records", len(index), sum(map(len, index.values())))
 
     def _restore(self, topic: str, partition: int) -> list[tuple[Key | None, bytes]]:
@@ -92,37 +96,62 @@ class Runtime:
         return self._recovered.pop((topic, partition), [])
 
     def on_revoked(self, revoked: Iterable[TP]) -> None:
-        gone = {(tp.topic, tp.partition) for tp in revoked}
-        self.pipeline.revoke(gone)
+        revoked = set(revoked)
+        self._ready -= revoked
+        self.pipeline.revoke({(tp.topic, tp.partition) for tp in revoked})
         self._recovered = None  # the next assignment recovers the table again
 
     # -- consuming ---------------------------------------------------------------------------
     async def process(self, events: list[Any]) -> None:
-        messages = [RawMessage(e.message.topic, e.message.partition, e.message.offset, e.value) for e in events]
+        # Only events of partitions whose table recovery completed in the current consumer
+        # generation: an event fetched before a rebalance can still slip through Faust's
+        # buffers, and folding it into a state rebuilt meanwhile would break offset order.
+        # Dropped events are fetched again from the committed offset.
+        generation = self.app.consumer_generation_id
+        ready = self._ready
+        messages = [
+            RawMessage(e.message.topic, e.message.partition, e.message.offset, e.value)
+            for e in events
+            if e.message.tp in ready and e.message.generation_id in (None, generation)
+        ]
+        if len(messages) < len(events):
+            log.debug("dropped %d events fetched before a rebalance", len(events) - len(messages))
         for letter in self.pipeline.process(messages):
             await self._dead_letter(letter)
-        if time.monotonic() - self._last_checkpoint >= CHECKPOINT_SECONDS:
-            await self.checkpoint()
+        await self.checkpoint_if_due()
 
     async def _dead_letter(self, letter: DeadLetter) -> None:
         # Buffered send; the next checkpoint awaits its delivery before the source offset is
         # committed, so a dead letter is never lost.
-        delivery = await self.deadletter.send(
-            key=None, value=letter.message.value or b"", partition=None, headers=letter.headers()
+        delivery = await self.app.producer.send(
+            self.deadletter.get_topic_name(), None, letter.message.value or b"", None, None, letter.headers()
         )
         self._pending_deliveries.append(delivery)
 
     async def checkpoint(self, commit: bool = True) -> None:
-        """Changed keys -> changelog (explicit partition); flush; then commit the offsets covered."""
+        """Changed keys -> changelog (explicit partition); their acks; then commit the offsets covered.
+
+        Serialised: a later checkpoint's commit must never overtake an earlier one's records.
+        """
+        async with self._checkpoint_lock:
+            await self._checkpoint(commit)
+
+    async def checkpoint_if_due(self) -> None:
+        if time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_seconds:
+            await self.checkpoint()
+
+    async def _checkpoint(self, commit: bool) -> None:
         records = self.pipeline.checkpoint_records()
         offsets = self.pipeline.offsets()  # same instant as the records: no await in between
         deliveries, self._pending_deliveries = self._pending_deliveries, []
+        # Straight to the producer, not through Table.send_changelog's buffer: that costs a
+        # task switch per record, and its flush() gives up after 0.1 s without progress. Every
+        # record's own acknowledgement (acks=all) is awaited before offsets are committed.
+        send = self.app.producer.send
+        changelog = self.table.changelog_topic.get_topic_name()
         for (_, partition), items in records.items():
             for key, value in items:
-                deliveries.append(self.table.send_changelog(partition, key, value))
-        # Faust's producer.flush() gives up on its buffer after 0.1 s without progress, so it
-        # proves nothing: wait for every record's own acknowledgement (acks=all) instead.
-        await self.app.producer.flush()
+                deliveries.append(await send(changelog, key, value, partition, None, None))
         await asyncio.gather(*deliveries)
         self._last_checkpoint = time.monotonic()
         if not commit:
@@ -234,12 +263,17 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
             except Exception:  # the one top-level handler: a bug must not silently skip a batch
                 runtime.telemetry.errors.labels("process").inc()
                 log.exception("processing a batch failed; stopping so a restart replays it")
+                runtime.failed = True
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 
     @app.timer(settings.flush_interval_seconds, name="flush")
     async def flush() -> None:
         await runtime.flush()
+
+    @app.timer(1.0, name="checkpoint")
+    async def checkpoint() -> None:
+        await runtime.checkpoint_if_due()  # also when the stream is idle
 
     @app.crontab("5 * * * *", timezone=UTC)
     async def close_idle_hours() -> None:
@@ -284,6 +318,10 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
     worker = faust.Worker(app, loglevel="DEBUG" if verbose >= 2 else "WARNING", quiet=True)
     try:
         worker.execute_from_commandline()
+    except SystemExit as exit_:
+        if runtime.failed and not exit_.code:
+            raise SystemExit(1) from None
+        raise
     finally:
         server.shutdown()
         shutil.rmtree(datadir, ignore_errors=True)

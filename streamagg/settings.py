@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     grace_seconds: int = Field(300, ge=0, description="an hour closes once the watermark passes hour end + grace")
     max_lateness_seconds: int = Field(172800, ge=0, description="how long a closed hour still accepts late events")
     flush_interval_seconds: float = Field(10.0, gt=0, description="how often dirty closed buckets are written")
+    checkpoint_interval_seconds: float = Field(
+        10.0, gt=0, description="how often changed aggregates are checkpointed to the table and offsets committed"
+    )
     metrics_host: str = Field("127.0.0.1", description="Prometheus /metrics host")
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port")
     max_series_per_dimension: int = Field(

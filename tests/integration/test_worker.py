@@ -175,6 +175,7 @@ def scenario(stack: tuple[Stack, StackInfo], database: str) -> Iterator[Callable
             "STREAMAGG_FLUSH_INTERVAL_SECONDS": "1",
             "STREAMAGG_GRACE_SECONDS": "1",
             "STREAMAGG_SESSION_TIMEOUT_SECONDS": "6",
+            "STREAMAGG_CHECKPOINT_INTERVAL_SECONDS": "2",
             **extra,
         }
         keys = {k.removeprefix("STREAMAGG_").lower(): v for k, v in env.items() if k.startswith("STREAMAGG_")}

@@ -1,0 +1,131 @@
+"""End-to-end throughput of one worker process against a plain consumer, in the same run.
+
+Pre-fills fresh topics with N generated events, then measures
+  (a) baseline: a plain aiokafka consumer that only reads and JSON-decodes every record;
+  (b) streamagg: one `streamagg worker` process, from its first read to the last hour row
+      committed in PostgreSQL (rows compared with the exact counts of the same events).
+Prints both rates and the ratio. Uses the configured Kafka/PostgreSQL, else the local stack.
+
+    .venv/bin/python -m bench.throughput [--events 200000] [--hours 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from rich.console import Console
+
+from streamagg.buckets import HOUR_MS, bucket_start_ms
+from streamagg.demo import _as_env, _env_without_settings, _fresh_database, _target, _wait_for_rows
+from streamagg.events import validate
+from streamagg.generate import generate
+from streamagg.oracle import exact_hours
+from streamagg.settings import load_settings
+from streamagg.stack import free_port
+from streamagg.synth import Synth
+from streamagg.topics import source_topics
+
+
+async def plain_consumer(bootstrap: str, topics: list[str], partitions: int, total: int) -> float:
+    """Seconds for a plain consumer to read and JSON-decode ``total`` records."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                                max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)  # fmt: skip
+    await consumer.start()
+    try:
+        assigned = [TopicPartition(t, p) for t in topics for p in range(partitions)]
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        seen = 0
+        started = None
+        while seen < total:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            if started is None and batches:
+                started = time.perf_counter()
+            for records in batches.values():
+                for record in records:
+                    json.loads(record.value)
+                seen += sum(len(records) for records in batches.values())
+        return time.perf_counter() - (started or time.perf_counter())
+    finally:
+        await consumer.stop()
+
+
+def metric(port: int, name: str) -> float:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--hours", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=5)
+    args = parser.parse_args(argv)
+    err = Console(stderr=True)
+    settings = _target(load_settings(), err)
+    run = uuid.uuid4().hex[:8]
+    database = asyncio.run(_fresh_database(settings, f"streamagg_bench_{run}"))
+    settings = settings.model_copy(update={
+        "database_url": settings.database_url.__class__(database), "topic_prefix": f"bench-{run}.",
+        "app_id": f"streamagg-bench-{run}", "partitions": 8, "flush_interval_seconds": 1.0, "grace_seconds": 1,
+        "session_timeout_seconds": 6.0, "metrics_port": free_port(),
+    })  # fmt: skip
+    per_hour = args.events // args.hours
+    total = per_hour * args.hours
+    start = bucket_start_ms(int(time.time() * 1000), "hour") - (args.hours + 1) * HOUR_MS
+    err.print(f"pre-filling {total:,} events into {settings.topic_prefix}* ...")
+    asyncio.run(generate(settings, args.hours, per_hour, args.seed, start))
+    events = [validate(k, e) for k, _, e in Synth(args.seed).events(start, args.hours, per_hour)]
+    expected = {key: exact.count for key, exact in exact_hours(events).items()}
+
+    err.print("baseline: plain aiokafka consumer, read + json.loads ...")
+    baseline_seconds = asyncio.run(plain_consumer(settings.kafka_bootstrap, list(source_topics(settings)), settings.partitions, total))
+
+    err.print("streamagg: one worker process, first read to last hour row committed ...")
+    worker = subprocess.Popen([sys.executable, "-m", "streamagg", "--quiet", "worker"],
+                              env={**_env_without_settings(), **_as_env(settings)}, stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+        first_read = None
+        while first_read is None:
+            if metric(settings.metrics_port, "observability_aggregation_records_processed_total") > 0:
+                first_read = time.perf_counter()
+            elif worker.poll() is not None:
+                raise SystemExit(f"worker exited with {worker.returncode}")
+            else:
+                time.sleep(0.05)
+        with err.status("waiting for every hour row") as status:
+            asyncio.run(_wait_for_rows(settings, expected, worker, 900, status))
+        worker_seconds = time.perf_counter() - first_read
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    baseline_rate = total / baseline_seconds
+    worker_rate = total / worker_seconds
+    print(f"events                      {total:>12,}")
+    print(f"plain consumer (baseline)   {baseline_rate:>12,.0f} events/s  ({baseline_seconds:.2f} s)")
+    print(f"streamagg worker, e2e       {worker_rate:>12,.0f} events/s  ({worker_seconds:.2f} s, first read -> last row committed)")
+    print(f"ratio worker / baseline     {worker_rate / baseline_rate:>12.2f}")
+    print(f"target                      >= 50,000 events/s and >= 0.50 of the baseline: "
+          f"{'met' if worker_rate >= 50_000 and worker_rate >= baseline_rate / 2 else 'NOT met'}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
