@@ -54,7 +54,7 @@ async def plain_consumer(bootstrap: str, topics: list[str], partitions: int, tot
             for records in batches.values():
                 for record in records:
                     json.loads(record.value)
-                seen += sum(len(records) for records in batches.values())
+                seen += len(records)
         return time.perf_counter() - (started or time.perf_counter())
     finally:
         await consumer.stop()
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--hours", type=int, default=4)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--profile", metavar="PATH", help="run the worker under pyinstrument, report to PATH")
     args = parser.parse_args(argv)
     err = Console(stderr=True)
     settings = _target(load_settings(), err)
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     baseline_seconds = asyncio.run(plain_consumer(settings.kafka_bootstrap, list(source_topics(settings)), settings.partitions, total))
 
     err.print("streamagg: one worker process, first read to last hour row committed ...")
-    worker = subprocess.Popen([sys.executable, "-m", "streamagg", "--quiet", "worker"],
+    runner = [sys.executable, "-m", "pyinstrument", "-o", args.profile] if args.profile else [sys.executable]
+    worker = subprocess.Popen([*runner, "-m", "streamagg", "--quiet", "worker"],
                               env={**_env_without_settings(), **_as_env(settings)}, stdin=subprocess.DEVNULL)  # fmt: skip
     try:
         first_read = None

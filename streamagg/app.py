@@ -20,7 +20,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,21 @@ log = logging.getLogger(__name__)
 BATCH_MAX = 10_000
 BATCH_WITHIN_SECONDS = 0.25
 TABLE_NAME = "partials"
+FLUSH_KEYS_PER_TRANSACTION = 20_000
+
+
+def _chunks(items: list, max_keys: int) -> Iterator[list]:
+    """Consecutive groups of flushables holding about ``max_keys`` keys each."""
+    chunk: list = []
+    size = 0
+    for item in items:
+        chunk.append(item)
+        size += len(item.items)
+        if size >= max_keys:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 class Runtime:
@@ -73,6 +88,11 @@ class Runtime:
         self._pending_deliveries: list[asyncio.Future] = []
         self._checkpoint_lock = asyncio.Lock()
         self._ready: set[TP] = set()  # source partitions recovered in this generation
+        # Day and week roll-ups of flushed keys are batched: a key's hour is flushed once per
+        # partition that saw it, its day and week once per roll-up interval.
+        self._to_roll_up: set[Key] = set()
+        self._last_rollup = 0.0
+        self._rollup_interval = max(5.0, 5 * settings.flush_interval_seconds)
         self.failed = False  # set when the worker stops because of an internal error
 
     # -- recovery ----------------------------------------------------------------------------
@@ -170,34 +190,40 @@ class Runtime:
         return self._store
 
     async def flush(self) -> None:
-        """Write closed hours' partials (and the final rows), then roll up their days and weeks."""
+        """Write closed hours' partials (and the final rows); roll up their days and weeks."""
         async with self._flush_lock:
             try:
                 store = await self.store()
             except StoreError as exc:
                 self._failed("connect", exc)
                 return
-            touched: set[Key] = set()
-            for item in self.pipeline.flushable():
-                if not self.pipeline.owns(item.topic, item.partition):
-                    continue  # revoked while this flush ran: the new owner writes it
+            items = [item for item in self.pipeline.flushable() if item.items]
+            for chunk in _chunks(items, FLUSH_KEYS_PER_TRANSACTION):
+                # revoked while this flush ran: the new owner writes them
+                owned = [item for item in chunk if self.pipeline.owns(item.topic, item.partition)]
                 try:
-                    result = await store.write_partials(item.partition, item.items, item.offset)
+                    result = await store.write_partials_of([(i.partition, i.offset, i.items) for i in owned])
                 except StoreError as exc:
-                    self.pipeline.unflush(item)
+                    for item in owned:
+                        self.pipeline.unflush(item)
                     self._failed("flush", exc)
                     continue
                 self.telemetry.rows_written.labels("hour").inc(result.inserted + result.updated)
-                self.telemetry.flush_latency.observe(max(0.0, (time.time() * 1000 - item.closed_at_ms) / 1000))
-                touched.update(key for key, _ in item.items)
-            if touched:
+                now_ms = time.time() * 1000
+                for item in owned:
+                    self.telemetry.flush_latency.observe(max(0.0, (now_ms - item.closed_at_ms) / 1000))
+                    self._to_roll_up.update(key for key, _ in item.items)
+            if self._to_roll_up and time.monotonic() - self._last_rollup >= self._rollup_interval:
+                touched, self._to_roll_up = self._to_roll_up, set()
                 try:
                     for granularity in ("day", "week"):
                         result = await rollup_keys(store, granularity, touched)
                         self.telemetry.rows_written.labels(granularity).inc(result.inserted + result.updated)
                 except StoreError as exc:
+                    self._to_roll_up |= touched
                     self._failed("rollup", exc)
                     return
+                self._last_rollup = time.monotonic()
             self._failures = 0
             self.telemetry.last_success.set(time.time())
             self.pipeline.evict()

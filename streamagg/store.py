@@ -238,15 +238,24 @@ class Store:
     async def write_partials(
         self, partition: int, partials: Sequence[tuple[Key, Agg]], source_offset: int = -1
     ) -> WriteResult:
-        """Overwrite one source partition's partial aggregates of closed hours and, in the same
-        transaction, re-derive the final hour rows of the touched keys from all partitions.
+        """Overwrite one source partition's partial aggregates (see :meth:`write_partials_of`)."""
+        return await self.write_partials_of([(partition, source_offset, partials)])
 
-        ``source_offset`` is the partition offset the partials include; a stored partial that
-        includes more (a newer owner's) is left alone.
+    async def write_partials_of(self, batches: Sequence[tuple[int, int, Sequence[tuple[Key, Agg]]]]) -> WriteResult:
+        """Overwrite partial aggregates of closed hours of several source partitions and, in the
+        same transaction, re-derive the final hour rows of the touched keys from all partitions
+        (once per key, however many of the given partitions touched it).
+
+        Each batch is ``(partition, source_offset, partials)``; ``source_offset`` is the partition
+        offset the partials include, and a stored partial that includes more (a newer owner's)
+        is left alone.
         """
-        if not partials:
+        batches = [batch for batch in batches if batch[2]]
+        if not batches:
             return WriteResult()
-        keys = sorted({key for key, _ in partials}, key=repr)
+        keys = sorted({key for _, _, partials in batches for key, _ in partials}, key=repr)
+        columns = [_partial_columns(p, partials, offset) for p, offset, partials in batches]
+        merged_columns = [sum((c[i] for c in columns), []) for i in range(len(columns[0]))]
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 # Writers of one key (other partitions, other workers) queue here; ordering the
@@ -255,7 +264,7 @@ class Store:
                     "SELECT pg_advisory_xact_lock(id) FROM unnest($1::bigint[]) AS id ORDER BY id",
                     sorted({_key_lock_id(key) for key in keys}),
                 )
-                await conn.execute(_UPSERT_PARTIALS, *_partial_columns(partition, partials, source_offset))
+                await conn.execute(_UPSERT_PARTIALS, *merged_columns)
                 merged = await self._merge_partials(conn, keys)
                 return await self.upsert_rows([agg.to_row(key, "hour") for key, agg in merged.items()], conn)
         except _DB_ERRORS as exc:
