@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 BATCH_MAX = 10_000
 BATCH_WITHIN_SECONDS = 0.25
 TABLE_NAME = "partials"
-FLUSH_KEYS_PER_TRANSACTION = 20_000
+FLUSH_KEYS_PER_TRANSACTION = 5_000
 
 
 def _chunks(items: list, max_keys: int) -> Iterator[list]:

@@ -117,10 +117,16 @@ ORDER BY p.source_partition
 """
 
 
+_LOCK_STRIPES = 512
+_LOCK_BASE = 0x5354_5241_4747_1000
+
+
 def _key_lock_id(key: Key) -> int:
-    """A stable signed 64-bit advisory lock id of a bucket key."""
+    """The advisory lock guarding a bucket key: one of a fixed set of stripes, so a transaction
+    over many thousand keys takes at most ``_LOCK_STRIPES`` locks (each lock is a slot in
+    PostgreSQL's shared lock table, max_locks_per_transaction x max_connections in all)."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    return _LOCK_BASE + int.from_bytes(digest, "big") % _LOCK_STRIPES
 
 
 def _row_from_record(record: asyncpg.Record) -> Row:

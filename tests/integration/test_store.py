@@ -154,3 +154,19 @@ def test_connection_error_names_no_password() -> None:
     with pytest.raises(StoreError) as info:
         asyncio.run(Store.open(dsn, Settings(database_url=dsn).redacted_dsn()))
     assert "hunter2" not in str(info.value) and info.value.retriable
+
+
+def test_one_transaction_over_many_keys_fits_the_lock_table(database: str) -> None:
+    """Tens of thousands of keys in one write must not exhaust PostgreSQL's shared lock table
+    (max_locks_per_transaction x max_connections slots)."""
+    events = make_events(hours=2, per_hour=20_000, seed=25, users=5000)
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    assert len(state) > 30_000  # one lock per key would exceed the shared lock table (64 x 200 slots)
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            result = await store.write_partials(0, list(state.items()))
+            assert result.inserted == len(state)
+
+    asyncio.run(run())
