@@ -130,7 +130,8 @@ def _target(settings: Settings, err: Console) -> Settings:
     if configured:
         err.print(f"[bold]0.[/] using the configured Kafka {settings.kafka_bootstrap} and PostgreSQL {settings.redacted_dsn()}")
         return settings
-    err.print(f"[bold]0.[/] no Kafka/PostgreSQL configured: starting the local stack in {settings.stack_dir}")
+    err.print(f"[bold]0.[/] no Kafka/PostgreSQL configured: starting the local stack in {settings.stack_dir} "
+              "(it keeps running for a look around; `streamagg stack down` stops it)")  # fmt: skip
     info = Stack(settings.stack_dir, settings.cache_dir).up()
     return settings.model_copy(
         update={"kafka_bootstrap": info.kafka_bootstrap, "database_url": settings.database_url.__class__(info.database_url)}
