@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from rich.console import Console
 
 from streamagg.buckets import HOUR_MS, bucket_start_ms
-from streamagg.demo import _as_env, _env_without_settings, _fresh_database, _target, _wait_for_rows
+from streamagg.demo import env_without_settings, fresh_database, resolve_target, wait_for_rows, worker_env
 from streamagg.events import validate
 from streamagg.generate import generate
 from streamagg.oracle import exact_hours
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", metavar="PATH", help="run the worker under pyinstrument, report to PATH")
     args = parser.parse_args(argv)
     err = Console(stderr=True)
-    settings = _target(load_settings(), err)
+    settings = resolve_target(load_settings(), err)
     run = uuid.uuid4().hex[:8]
-    database = asyncio.run(_fresh_database(settings, f"streamagg_bench_{run}"))
+    database = asyncio.run(fresh_database(settings, f"streamagg_bench_{run}"))
     settings = settings.model_copy(update={
         "database_url": settings.database_url.__class__(database), "topic_prefix": f"bench-{run}.",
         "app_id": f"streamagg-bench-{run}", "partitions": 8, "flush_interval_seconds": 1.0, "grace_seconds": 1,
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     err.print("streamagg: one worker process, first read to last hour row committed ...")
     runner = [sys.executable, "-m", "pyinstrument", "-o", args.profile] if args.profile else [sys.executable]
     worker = subprocess.Popen([*runner, "-m", "streamagg", "--quiet", "worker"],
-                              env={**_env_without_settings(), **_as_env(settings)}, stdin=subprocess.DEVNULL)  # fmt: skip
+                              env={**env_without_settings(), **worker_env(settings)}, stdin=subprocess.DEVNULL)  # fmt: skip
     try:
         first_read = None
         while first_read is None:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 time.sleep(0.05)
         with err.status("waiting for every hour row") as status:
-            asyncio.run(_wait_for_rows(settings, expected, worker, 900, status))
+            asyncio.run(wait_for_rows(settings, expected, worker, 900, status))
         worker_seconds = time.perf_counter() - first_read
     finally:
         worker.send_signal(signal.SIGTERM)

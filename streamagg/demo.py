@@ -53,9 +53,9 @@ class DemoFailed(StreamaggError):
 
 
 def run_demo(settings: Settings, plan: DemoPlan, console: Console, err: Console) -> bool:
-    settings = _target(settings, err)
+    settings = resolve_target(settings, err)
     run = uuid.uuid4().hex[:8]
-    database = asyncio.run(_fresh_database(settings, f"streamagg_demo_{run}"))
+    database = asyncio.run(fresh_database(settings, f"streamagg_demo_{run}"))
     settings = settings.model_copy(
         update={
             "database_url": settings.database_url.__class__(database),
@@ -82,12 +82,12 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console, err: Console)
     started = time.monotonic()
     worker = subprocess.Popen(
         [sys.executable, "-m", "streamagg", "--quiet", "worker"],
-        env={**_env_without_settings(), **_as_env(settings)},
+        env={**env_without_settings(), **worker_env(settings)},
         stdin=subprocess.DEVNULL,
     )
     try:
         with err.status("waiting for the hours to be flushed and rolled up") as status:
-            asyncio.run(_wait_for_rows(settings, expected, worker, plan.timeout_seconds, status))
+            asyncio.run(wait_for_rows(settings, expected, worker, plan.timeout_seconds, status))
         elapsed = time.monotonic() - started
     finally:
         if worker.poll() is None:
@@ -125,7 +125,7 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console, err: Console)
     return ok
 
 
-def _target(settings: Settings, err: Console) -> Settings:
+def resolve_target(settings: Settings, err: Console) -> Settings:
     configured = {"STREAMAGG_KAFKA_BOOTSTRAP", "STREAMAGG_DATABASE_URL"} & set(os.environ)
     if configured:
         err.print(f"[bold]0.[/] using the configured Kafka {settings.kafka_bootstrap} and PostgreSQL {settings.redacted_dsn()}")
@@ -138,7 +138,7 @@ def _target(settings: Settings, err: Console) -> Settings:
     )
 
 
-async def _fresh_database(settings: Settings, name: str) -> str:
+async def fresh_database(settings: Settings, name: str) -> str:
     dsn = settings.database_url.get_secret_value()
     server = dsn.rsplit("/", 1)[0]
     try:
@@ -152,7 +152,7 @@ async def _fresh_database(settings: Settings, name: str) -> str:
     return f"{server}/{name}"
 
 
-def _as_env(settings: Settings) -> dict[str, str]:
+def worker_env(settings: Settings) -> dict[str, str]:
     import json
 
     out = {}
@@ -163,11 +163,11 @@ def _as_env(settings: Settings) -> dict[str, str]:
     return out
 
 
-def _env_without_settings() -> dict[str, str]:
+def env_without_settings() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAMAGG_")}
 
 
-async def _wait_for_rows(
+async def wait_for_rows(
     settings: Settings, expected: dict, worker: subprocess.Popen, timeout: float, status: object
 ) -> None:
     deadline = time.monotonic() + timeout

@@ -119,9 +119,10 @@ class Pipeline:
             late = sum(1 for _, event in valid if event.time_ms // HOUR_MS * HOUR_MS + HOUR_MS <= horizon)
             result = state.ingest(valid, self._max_lateness_ms)
             applied += result.applied
+            by_offset = {m.offset: m for m in group} if result.too_late else {}
             for position in result.too_late:
                 offset, event = valid[position]
-                message = next(m for m in group if m.offset == offset)
+                message = by_offset[offset]
                 dead.append(DeadLetter(message, Reason.TOO_LATE, f"event time {event.time_ms} ms is older than "
                                        f"watermark {state.watermark_ms} ms - {self._max_lateness_ms} ms"))  # fmt: skip
             self._telemetry.too_late.inc(len(result.too_late))
