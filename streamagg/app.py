@@ -136,8 +136,12 @@ class Runtime:
         ]
         if len(messages) < len(events):
             log.debug("dropped %d events fetched before a rebalance", len(events) - len(messages))
-        for letter in self.pipeline.process(messages):
+        processed = self.pipeline.process(messages)
+        for letter in processed.dead:
             await self._dead_letter(letter)
+        for (topic, partition), offset in processed.seeks.items():
+            self.telemetry.errors.labels("skipped_offset").inc()
+            await self.app.consumer.seek(TP(topic, partition), offset)
         await self.checkpoint_if_due()
 
     async def _dead_letter(self, letter: DeadLetter) -> None:

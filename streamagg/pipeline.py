@@ -51,6 +51,12 @@ class DeadLetter:
 
 
 @dataclass
+class Processed:
+    dead: list[DeadLetter] = field(default_factory=list)  # to the dead-letter topic
+    seeks: dict[TopicPartition, int] = field(default_factory=dict)  # offsets to read again from
+
+
+@dataclass
 class Flushable:
     """Keys of closed hours of one topic-partition, ready for the database."""
 
@@ -97,15 +103,23 @@ class Pipeline:
             self.states[(topic, partition)] = state
         return state
 
-    def process(self, messages: Sequence[RawMessage]) -> list[DeadLetter]:
+    def process(self, messages: Sequence[RawMessage]) -> Processed:
         """Validate and aggregate a batch (any topics and partitions, each in offset order)."""
         started = time.perf_counter()
-        dead: list[DeadLetter] = []
+        out = Processed()
+        dead = out.dead
         groups: defaultdict[TopicPartition, list[RawMessage]] = defaultdict(list)
         for message in messages:
             groups[(message.topic, message.partition)].append(message)
         applied = 0
-        for (topic, partition), group in groups.items():
+        for (topic, partition), offered in groups.items():
+            state = self.state_for(topic, partition)
+            admission = state.admit([m.offset for m in offered])
+            if admission.seek is not None:
+                out.seeks[(topic, partition)] = admission.seek
+            group = [offered[i] for i in admission.taken]
+            if not group:
+                continue
             kind = self._topic_kinds[topic]
             self._telemetry.events_consumed.labels(topic).inc(len(group))
             valid = []
@@ -114,7 +128,6 @@ class Pipeline:
                     valid.append((message.offset, decode(kind, message.value or b"")))
                 except Rejected as exc:
                     dead.append(DeadLetter(message, exc.reason, exc.detail))
-            state = self.state_for(topic, partition)
             horizon = state.closed_hours_before(self._grace_ms, self._idle_ms)
             late = sum(1 for _, event in valid if event.time_ms // HOUR_MS * HOUR_MS + HOUR_MS <= horizon)
             result = state.ingest(valid, self._max_lateness_ms)
@@ -127,11 +140,12 @@ class Pipeline:
                                        f"watermark {state.watermark_ms} ms - {self._max_lateness_ms} ms"))  # fmt: skip
             self._telemetry.too_late.inc(len(result.too_late))
             self._telemetry.late_events.inc(max(0, late - len(result.too_late)))
+            state.advance(group[-1].offset)
         for letter in dead:
             self._telemetry.events_rejected.labels(letter.reason.value).inc()
         self._telemetry.records_processed.inc(applied)
         self._telemetry.aggregation_duration.observe(time.perf_counter() - started)
-        return dead
+        return out
 
     def revoke(self, partitions: Iterable[TopicPartition]) -> None:
         """Forget partitions this worker no longer owns (their checkpoints live on in the table)."""

@@ -15,6 +15,7 @@ Record layouts (little-endian):
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from .aggregate import Agg, AggregateState, Key
 from .buckets import HOUR_MS
 from .errors import StateError
 from .events import Event
+
+log = logging.getLogger(__name__)
 
 _VALUE = struct.Struct("<Bq")
 _META = struct.Struct("<Bqq")
@@ -81,6 +84,19 @@ def decode_meta(data: bytes) -> tuple[int, int | None]:
     return offset, None if watermark == _NO_WATERMARK else watermark
 
 
+# Offsets that never arrived (docs/design.md, "Gaps"): the consumer is sent back to the first
+# missing offset; until HOLE_RESEEK_MS later, messages past it are stale prefetches and are
+# dropped; after HOLE_ATTEMPTS re-reads that still skip it, the hole is taken as real.
+HOLE_RESEEK_MS = 2000
+HOLE_ATTEMPTS = 3
+
+
+@dataclass
+class Admission:
+    taken: list[int]  # positions (into the offered offsets) to process, in order
+    seek: int | None = None  # send the consumer back to this offset
+
+
 @dataclass
 class IngestResult:
     applied: int = 0
@@ -107,6 +123,8 @@ class PartitionState:
         self._clock = clock
         self._key_offsets: dict[Key, int] = {}  # from recovery: what each key already holds
         self._replay_until = -1
+        self.position: int | None = None  # the next offset expected from the consumer
+        self._hole: tuple[int, int, int] | None = None  # (first missing offset, re-reads, when)
         self._checkpoint_dirty: set[Key] = set()
         self._flush_dirty: set[Key] = set()
 
@@ -125,6 +143,58 @@ class PartitionState:
             self._replay_until = max(self._replay_until, offset)
         self.offset = max(self.offset, self._replay_until)
         self._flush_dirty |= set(self.aggregates.take_dirty())
+
+    # -- admission ---------------------------------------------------------------------------
+    def admit(self, offsets: Sequence[int]) -> Admission:
+        """Which of these raw message offsets (in arrival order) to process.
+
+        Kafka offsets of a source partition are consecutive, and the state must never pass one
+        it has not seen: its commit would skip it. Faust can deliver a prefetched message ahead
+        of its predecessors around a rebalance (faust-streaming#216, #221), so an offset past
+        the next expected one stops the batch there and asks for a seek back to the first
+        missing offset. Offsets already seen are dropped (redeliveries).
+        """
+        taken: list[int] = []
+        for i, offset in enumerate(offsets):
+            expected = self.position
+            if expected is None and self.offset >= 0:
+                # restored: the consumer restarts at the committed offset, at most offset + 1
+                expected = offset if offset <= self.offset + 1 else self.offset + 1
+            if expected is not None and offset < expected:
+                continue
+            if expected is not None and offset > expected and not self._accept_hole(expected, offset):
+                return Admission(taken, self._seek_for(expected))
+            taken.append(i)
+            self.position = offset + 1
+            if self._hole is not None and offset >= self._hole[0]:
+                self._hole = None
+        return Admission(taken)
+
+    def _seek_for(self, missing: int) -> int | None:
+        now = self._clock()
+        if self._hole is None or self._hole[0] != missing:
+            self._hole = (missing, 1, now)
+            log.warning("%s[%d]: offset %d was skipped by the consumer; reading again from it", self.topic, self.partition, missing)
+            return missing
+        _, attempts, since = self._hole
+        if now - since < HOLE_RESEEK_MS:
+            return None  # a seek is under way; these are stale prefetched messages
+        self._hole = (missing, attempts + 1, now)
+        return missing
+
+    def _accept_hole(self, missing: int, offset: int) -> bool:
+        """After HOLE_ATTEMPTS re-reads that jump from before ``missing`` to ``offset``, the
+        offsets in between do not exist (e.g. a transactional producer's commit markers)."""
+        hole = self._hole
+        if hole is None or hole[0] != missing or hole[1] < HOLE_ATTEMPTS or self._clock() - hole[2] < HOLE_RESEEK_MS:
+            return False
+        log.warning("%s[%d]: offsets %d..%d are absent after %d re-reads; going on", self.topic, self.partition, missing, offset - 1, hole[1])
+        self._hole = None
+        return True
+
+    def advance(self, offset: int) -> None:
+        """Every message up to ``offset`` is handled (aggregated, skipped or dead-lettered)."""
+        self.offset = max(self.offset, offset)
 
     # -- ingest ------------------------------------------------------------------------------
     def ingest(self, batch: Sequence[tuple[int, Event]], max_lateness_ms: int) -> IngestResult:

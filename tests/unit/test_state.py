@@ -122,3 +122,47 @@ def test_eviction_tombstones_old_hours() -> None:
     records = state.checkpoint_records()
     assert sum(1 for _, value in records if value is None) == gone
     assert min(state.aggregates.hours()) > START_MS
+
+
+# -- admission: the state never passes an offset it has not seen --------------------------------
+def test_admit_takes_consecutive_offsets_and_drops_redeliveries() -> None:
+    state = new_state()
+    assert state.admit([5, 6, 7]).taken == [0, 1, 2]  # a fresh partition starts where the log does
+    assert state.admit([6, 7, 8, 9]).taken == [2, 3]  # 6 and 7 were seen: dropped
+    assert state.position == 10
+
+
+def test_admit_stops_at_a_gap_and_asks_to_read_again() -> None:
+    clock = Clock(START_MS)
+    state = new_state(clock)
+    state.admit([0, 1, 2])
+    admission = state.admit([3, 5, 6])
+    assert admission.taken == [0] and admission.seek == 4  # 4 never arrived: not passed
+    clock.now += 100
+    assert state.admit([7, 8]).taken == [] and state.admit([7]).seek is None  # stale prefetches while the seek is under way
+    assert state.admit([4, 5, 6, 7]).taken == [0, 1, 2, 3]  # the re-read fills the gap
+    assert state.position == 8
+
+
+def test_admit_accepts_a_real_hole_after_repeated_reads() -> None:
+    clock = Clock(START_MS)
+    state = new_state(clock)
+    state.admit([0])
+    seeks = []
+    for _ in range(10):
+        admission = state.admit([2, 3])
+        if admission.taken:
+            break
+        seeks.append(admission.seek)
+        clock.now += 2500
+    assert seeks == [1, 1, 1]  # three re-reads of offset 1, then offsets 2.. go on
+    assert admission.taken == [0, 1] and state.position == 4
+
+
+def test_admit_after_restore_replays_from_the_committed_offset_but_not_past_a_gap() -> None:
+    state = new_state()
+    state.offset = 99  # restored: the checkpoint covers up to offset 99
+    assert state.admit([80, 81]).taken == [0, 1]  # the committed offset was 80: replay
+    restored = new_state()
+    restored.offset = 99
+    assert restored.admit([105]).seek == 100  # a prefetched message from beyond: read from 100
