@@ -99,7 +99,12 @@ class Agg:
         except SketchError as exc:
             raise StateError(f"cannot merge aggregates: {exc}") from exc
 
-    def to_row(self, key: Key, granularity: Granularity) -> Row:
+    def empty_like(self) -> Agg:
+        """An empty aggregate of the same kind (to merge copies into)."""
+        return Agg(self.sketch.kind if self.sketch is not None else None)
+
+    def to_row(self, key: Key, granularity: Granularity, sketch_bytes: bytes | None = None) -> Row:
+        """The row of this aggregate; ``sketch_bytes``, when given, are its sketch already serialised."""
         bucket_ms, metric, dimension_type, dimension_value = key
         if self.sketch is None:
             return Row(bucket_ms, granularity, metric, dimension_type, dimension_value, self.count)
@@ -119,7 +124,7 @@ class Agg:
             p50_value=p50,
             p95_value=p95,
             p99_value=p99,
-            sketch=self.sketch.serialize(),
+            sketch=self.sketch.serialize() if sketch_bytes is None else sketch_bytes,
             sketch_kind=str(self.sketch.kind),
             fingerprint=self.fingerprint,
         )
@@ -216,6 +221,7 @@ class AggregateState:
         self._kinds = dict(sketch_kinds)
         self._max_series = max_series_per_dimension
         self._aggs: dict[Key, Agg] = {}
+        self._by_hour: defaultdict[int, set[Key]] = defaultdict(set)  # eviction goes by hour
         self._series: defaultdict[tuple[int, str, str], int] = defaultdict(int)
         self._dirty: set[Key] = set()
         self._accept: Callable[[Key], bool] | None = None
@@ -288,8 +294,11 @@ class AggregateState:
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         sorted_values = values[order]
-        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-        ends = np.r_[starts[1:], len(sorted_ids)]
+        boundaries = np.empty(len(sorted_ids), dtype=bool)
+        boundaries[0] = True
+        np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=boundaries[1:])
+        starts = np.flatnonzero(boundaries)
+        ends = np.append(starts[1:], len(sorted_ids))
         mins = np.minimum.reduceat(sorted_values, starts).tolist()
         maxs = np.maximum.reduceat(sorted_values, starts).tolist()
         fps = np.add.reduceat(exact.fingerprints(sorted_values), starts).tolist()
@@ -313,6 +322,7 @@ class AggregateState:
             if dimension_type is not None and value != OVERFLOW_VALUE:
                 self._series[(hour, metric.name, dimension_type)] += 1
             agg = self._aggs[key] = Agg(self._kinds[metric.name] if metric.is_full else None)
+            self._by_hour[hour].add(key)
         self._dirty.add(key)
         return agg
 
@@ -327,6 +337,7 @@ class AggregateState:
         existing = self._aggs.get(key)
         if existing is None:
             self._aggs[key] = agg
+            self._by_hour[key[0]].add(key)
             if key[2] is not None and key[3] != OVERFLOW_VALUE:
                 self._series[(key[0], key[1], key[2])] += 1
         else:
@@ -341,16 +352,17 @@ class AggregateState:
     def pop_hours(self, hours: Iterable[int]) -> dict[Key, Agg]:
         """Remove and return every aggregate of the given hours (evicting closed state)."""
         wanted = set(hours)
-        taken = {key: agg for key, agg in self._aggs.items() if key[0] in wanted}
-        for key in taken:
-            del self._aggs[key]
-            self._dirty.discard(key)
+        taken = {}
+        for hour in wanted:
+            for key in self._by_hour.pop(hour, ()):
+                taken[key] = self._aggs.pop(key)
+                self._dirty.discard(key)
         for series in [s for s in self._series if s[0] in wanted]:
             del self._series[series]
         return taken
 
     def hours(self) -> set[int]:
-        return {key[0] for key in self._aggs}
+        return set(self._by_hour)
 
     def rows(self, keys: Iterable[Key] | None = None) -> list[Row]:
         """Hour rows of the given keys (all keys when None), sorted by key."""

@@ -92,7 +92,8 @@ class Runtime:
         # partition that saw it, its day and week once per roll-up interval.
         self._to_roll_up: set[Key] = set()
         self._last_rollup = 0.0
-        self._rollup_interval = max(5.0, 5 * settings.flush_interval_seconds)
+        self._rollup_base = max(5.0, 5 * settings.flush_interval_seconds)
+        self._rollup_interval = self._rollup_base
         self.failed = False  # set when the worker stops because of an internal error
 
     # -- recovery ----------------------------------------------------------------------------
@@ -168,14 +169,20 @@ class Runtime:
         records = self.pipeline.checkpoint_records()
         offsets = self.pipeline.offsets()  # same instant as the records: no await in between
         deliveries, self._pending_deliveries = self._pending_deliveries, []
-        # Straight to the producer, not through Table.send_changelog's buffer: that costs a
-        # task switch per record, and its flush() gives up after 0.1 s without progress. Every
-        # record's own acknowledgement (acks=all) is awaited before offsets are committed.
-        send = self.app.producer.send
+        # Straight to aiokafka's batch API, not through Table.send_changelog's buffer (a task
+        # switch per record, and a flush() that gives up after 0.1 s without progress) nor
+        # Faust's send (sensors and a future per record). Batches of one partition are queued
+        # in order; every batch's acknowledgement (acks=all) is awaited before offsets are committed.
+        producer = self.app.producer._ensure_producer()
         changelog = self.table.changelog_topic.get_topic_name()
         for (_, partition), items in records.items():
+            batch = producer.create_batch()
             for key, value in items:
-                deliveries.append(await send(changelog, key, value, partition, None, None))
+                if batch.append(key=key, value=value, timestamp=None) is None:  # full
+                    deliveries.append(await producer.send_batch(batch, changelog, partition=partition))
+                    batch = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)  # a first record always fits
+            deliveries.append(await producer.send_batch(batch, changelog, partition=partition))
         await asyncio.gather(*deliveries)
         self._last_checkpoint = time.monotonic()
         if not commit:
@@ -219,6 +226,7 @@ class Runtime:
                     self._to_roll_up.update(key for key, _ in item.items)
             if self._to_roll_up and time.monotonic() - self._last_rollup >= self._rollup_interval:
                 touched, self._to_roll_up = self._to_roll_up, set()
+                started = time.monotonic()
                 try:
                     for granularity in ("day", "week"):
                         result = await rollup_keys(store, granularity, touched)
@@ -228,6 +236,9 @@ class Runtime:
                     self._failed("rollup", exc)
                     return
                 self._last_rollup = time.monotonic()
+                # Roll-ups take at most about a fifth of the time while a backlog is worked
+                # off: the busier they are, the more touched keys each one batches.
+                self._rollup_interval = max(self._rollup_base, 4 * (self._last_rollup - started))
             self._failures = 0
             self.telemetry.last_success.set(time.time())
             self.pipeline.evict()
@@ -272,6 +283,7 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
         broker_session_timeout=settings.session_timeout_seconds,
         broker_heartbeat_interval=settings.session_timeout_seconds / 10,
         producer_max_request_size=16 * 1024 * 1024,
+        producer_max_batch_size=1024 * 1024,  # checkpoints send thousands of records at once
         timezone=UTC,
     )
     runtime = Runtime(settings, telemetry, app)

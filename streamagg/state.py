@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -126,7 +127,7 @@ class PartitionState:
         self.position: int | None = None  # the next offset expected from the consumer
         self._hole: tuple[int, int, int] | None = None  # (first missing offset, re-reads, when)
         self._checkpoint_dirty: set[Key] = set()
-        self._flush_dirty: set[Key] = set()
+        self._flush_dirty: defaultdict[int, set[Key]] = defaultdict(set)  # by hour: flush goes by hour
 
     # -- recovery ----------------------------------------------------------------------------
     def restore(self, records: Iterable[tuple[Key | None, bytes]]) -> None:
@@ -142,7 +143,7 @@ class PartitionState:
             self._key_offsets[key] = offset
             self._replay_until = max(self._replay_until, offset)
         self.offset = max(self.offset, self._replay_until)
-        self._flush_dirty |= set(self.aggregates.take_dirty())
+        self._mark_flush_dirty(self.aggregates.take_dirty())
 
     # -- admission ---------------------------------------------------------------------------
     def admit(self, offsets: Sequence[int]) -> Admission:
@@ -231,8 +232,13 @@ class PartitionState:
         self.watermark_ms = watermark
         dirty = self.aggregates.take_dirty()
         self._checkpoint_dirty |= dirty
-        self._flush_dirty |= dirty
+        self._mark_flush_dirty(dirty)
         return result
+
+    def _mark_flush_dirty(self, keys: Iterable[Key]) -> None:
+        by_hour = self._flush_dirty
+        for key in keys:
+            by_hour[key[0]].add(key)
 
     # -- checkpoint --------------------------------------------------------------------------
     def checkpoint_records(self) -> list[tuple[bytes, bytes | None]]:
@@ -259,14 +265,12 @@ class PartitionState:
     def take_flushable(self, grace_ms: int, idle_ms: int) -> list[tuple[Key, Agg]]:
         """Changed keys of closed hours, to write to the database; they are marked clean."""
         horizon = self.closed_hours_before(grace_ms, idle_ms)
-        ready = [key for key in self._flush_dirty if key[0] + HOUR_MS <= horizon]
-        for key in ready:
-            self._flush_dirty.discard(key)
+        ready = [key for hour in [h for h in self._flush_dirty if h + HOUR_MS <= horizon] for key in self._flush_dirty.pop(hour)]
         return [(key, self.aggregates[key]) for key in sorted(ready, key=repr) if key in self.aggregates]
 
     def unflush(self, keys: Iterable[Key]) -> None:
         """A database write failed: these keys must be written again."""
-        self._flush_dirty.update(keys)
+        self._mark_flush_dirty(keys)
 
     def evict(self, max_lateness_ms: int, grace_ms: int) -> int:
         """Drop hours no event can change any more (older than watermark - max lateness) once
@@ -275,7 +279,7 @@ class PartitionState:
             return 0
         limit = self.watermark_ms - max_lateness_ms - grace_ms
         hours = [hour for hour in self.aggregates.hours() if hour + HOUR_MS <= limit]
-        pending_hours = {key[0] for key in self._flush_dirty}
+        pending_hours = {hour for hour, keys in self._flush_dirty.items() if keys}
         gone = self.aggregates.pop_hours(hour for hour in hours if hour not in pending_hours)
         self._checkpoint_dirty |= set(gone)
         return len(gone)

@@ -104,16 +104,19 @@ ON CONFLICT ON CONSTRAINT metrics_partials_key DO UPDATE SET
     max_value = EXCLUDED.max_value, sketch = EXCLUDED.sketch, sketch_kind = EXCLUDED.sketch_kind,
     value_fingerprint = EXCLUDED.value_fingerprint, source_offset = EXCLUDED.source_offset, updated_at = now()
 WHERE EXCLUDED.source_offset >= t.source_offset
+RETURNING bucket_time, metric_name, dimension_type, dimension_value, source_partition
 """
 
-_SELECT_PARTIALS = f"""
-SELECT p.bucket_time, p.metric_name, p.dimension_type, p.dimension_value, p.count, p.sum_parts,
-       p.min_value, p.max_value, p.sketch, p.sketch_kind, p.value_fingerprint
+_SELECT_OTHER_PARTIALS = f"""
+SELECT p.bucket_time, p.metric_name, p.dimension_type, p.dimension_value, p.source_partition, p.count,
+       p.sum_parts, p.min_value, p.max_value, p.sketch, p.sketch_kind, p.value_fingerprint
 FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[]) AS k(b, m, dt, dv)
 JOIN {PARTIALS} p
   ON p.metric_name = k.m AND coalesce(p.dimension_type, '') = coalesce(k.dt, '')
  AND coalesce(p.dimension_value, '') = coalesce(k.dv, '') AND p.bucket_time = k.b
-ORDER BY p.source_partition
+WHERE (p.bucket_time, p.metric_name, coalesce(p.dimension_type, ''), coalesce(p.dimension_value, ''),
+       p.source_partition) NOT IN (
+    SELECT * FROM unnest($5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::int[]))
 """
 
 
@@ -259,8 +262,15 @@ class Store:
         batches = [batch for batch in batches if batch[2]]
         if not batches:
             return WriteResult()
-        keys = sorted({key for _, _, partials in batches for key, _ in partials}, key=repr)
-        columns = [_partial_columns(p, partials, offset) for p, offset, partials in batches]
+        # What this call writes, by key and partition, with each sketch serialised once.
+        own: dict[Key, dict[int, tuple[Agg, bytes | None]]] = {}
+        columns = []
+        for partition, offset, partials in batches:
+            sketches = [agg.sketch.serialize() if agg.sketch is not None else None for _, agg in partials]
+            columns.append(_partial_columns(partition, partials, offset, sketches))
+            for (key, agg), data in zip(partials, sketches, strict=True):
+                own.setdefault(key, {})[partition] = (agg, data)
+        keys = sorted(own, key=repr)
         merged_columns = [sum((c[i] for c in columns), []) for i in range(len(columns[0]))]
         try:
             async with self._pool.acquire() as conn, conn.transaction():
@@ -270,30 +280,34 @@ class Store:
                     "SELECT pg_advisory_xact_lock(id) FROM unnest($1::bigint[]) AS id ORDER BY id",
                     sorted({_key_lock_id(key) for key in keys}),
                 )
-                await conn.execute(_UPSERT_PARTIALS, *merged_columns)
-                merged = await self._merge_partials(conn, keys)
-                return await self.upsert_rows([agg.to_row(key, "hour") for key, agg in merged.items()], conn)
+                applied = {(_record_key(r), r["source_partition"]) for r in await conn.fetch(_UPSERT_PARTIALS, *merged_columns)}
+                others = await self._other_partials(conn, keys, applied)
+                rows = [_final_row(key, own[key], applied, others.get(key, [])) for key in keys]
+                return await self.upsert_rows([row for row in rows if row is not None], conn)
         except _DB_ERRORS as exc:
             raise _wrap("writing partials failed", exc) from exc
 
     @staticmethod
-    async def _merge_partials(conn: asyncpg.Connection, keys: Sequence[Key]) -> dict[Key, Agg]:
+    async def _other_partials(
+        conn: asyncpg.Connection, keys: Sequence[Key], applied: set[tuple[Key, int]]
+    ) -> dict[Key, list[tuple[int, Agg]]]:
+        """Stored partials of ``keys`` other than the ones this transaction just wrote."""
         records = await conn.fetch(
-            _SELECT_PARTIALS,
+            _SELECT_OTHER_PARTIALS,
             [to_datetime(k[0]) for k in keys],
             [k[1] for k in keys],
             [k[2] for k in keys],
             [k[3] for k in keys],
+            [to_datetime(k[0]) for k, _ in applied],
+            [k[1] for k, _ in applied],
+            [k[2] or "" for k, _ in applied],
+            [k[3] or "" for k, _ in applied],
+            [p for _, p in applied],
         )
-        merged: dict[Key, Agg] = {}
+        found: dict[Key, list[tuple[int, Agg]]] = {}
         for record in records:
-            key = (to_ms(record["bucket_time"]), record["metric_name"], record["dimension_type"], record["dimension_value"])
-            agg = _agg_from_partial(record)
-            if key in merged:
-                merged[key].merge(agg)
-            else:
-                merged[key] = agg
-        return merged
+            found.setdefault(_record_key(record), []).append((record["source_partition"], _agg_from_partial(record)))
+        return found
 
     # -- reads -------------------------------------------------------------------------------
     async def fetch_rows(
@@ -368,7 +382,34 @@ class Store:
             return await conn.execute(sql, *args)
 
 
-def _partial_columns(partition: int, partials: Sequence[tuple[Key, Agg]], source_offset: int) -> list[list[Any]]:
+def _record_key(record: asyncpg.Record) -> Key:
+    return (to_ms(record["bucket_time"]), record["metric_name"], record["dimension_type"], record["dimension_value"])
+
+
+def _final_row(
+    key: Key, own: dict[int, tuple[Agg, bytes | None]], applied: set[tuple[Key, int]], others: list[tuple[int, Agg]]
+) -> Row | None:
+    """The final hour row of ``key``: the merge of every partition's partial, in partition order.
+
+    Most keys (a user's hour) have one partition's partial, the one just written: its row comes
+    straight from the in-memory aggregate and its already serialised sketch.
+    """
+    mine = [(p, agg, data) for p, (agg, data) in own.items() if (key, p) in applied]
+    if len(mine) == 1 and not others:
+        _, agg, data = mine[0]
+        return agg.to_row(key, "hour", sketch_bytes=data)
+    pieces = sorted([(p, agg) for p, agg, _ in mine] + others, key=lambda piece: piece[0])
+    if not pieces:
+        return None
+    merged = pieces[0][1].empty_like()
+    for _, agg in pieces:
+        merged.merge(agg)
+    return merged.to_row(key, "hour")
+
+
+def _partial_columns(
+    partition: int, partials: Sequence[tuple[Key, Agg]], source_offset: int, sketches: Sequence[bytes | None]
+) -> list[list[Any]]:
     full = [agg.sketch is not None for _, agg in partials]
     return [
         [to_datetime(key[0]) for key, _ in partials],
@@ -380,7 +421,7 @@ def _partial_columns(partition: int, partials: Sequence[tuple[Key, Agg]], source
         [struct.pack(f"<{len(agg.total)}d", *agg.total) if f else None for (_, agg), f in zip(partials, full, strict=True)],
         [agg.min if f else None for (_, agg), f in zip(partials, full, strict=True)],
         [agg.max if f else None for (_, agg), f in zip(partials, full, strict=True)],
-        [agg.sketch.serialize() if agg.sketch is not None else None for _, agg in partials],
+        list(sketches),
         [str(agg.sketch.kind) if agg.sketch is not None else None for _, agg in partials],
         [exact.to_signed64(agg.fingerprint) if f else None for (_, agg), f in zip(partials, full, strict=True)],
         [source_offset] * len(partials),
