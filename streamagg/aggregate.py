@@ -12,7 +12,7 @@ gets one sketch update with its group's values.
 from __future__ import annotations
 
 import struct
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -224,6 +224,8 @@ class AggregateState:
         self._by_hour: defaultdict[int, set[Key]] = defaultdict(set)  # eviction goes by hour
         self._series: defaultdict[tuple[int, str, str], int] = defaultdict(int)
         self._dirty: set[Key] = set()
+        # Events folded into ``__overflow__`` since the last take, by (metric, dimension type).
+        self.overflow_events: Counter[tuple[str, str | None]] = Counter()
         self._accept: Callable[[Key], bool] | None = None
 
     def __len__(self) -> int:
@@ -240,6 +242,9 @@ class AggregateState:
 
     def items(self) -> Iterable[tuple[Key, Agg]]:
         return self._aggs.items()
+
+    def values(self) -> Iterable[Agg]:
+        return self._aggs.values()
 
     # -- ingest --------------------------------------------------------------------------------
     def ingest(self, events: Sequence[Event], accept: Callable[[Key], bool] | None = None) -> None:
@@ -285,7 +290,17 @@ class AggregateState:
     ) -> None:
         index: dict[tuple[int, str | None], int] = {}
         ids = np.fromiter((index.setdefault(k, len(index)) for k in group_keys), dtype=np.int64, count=len(group_keys))
-        aggs = [self._agg_for(metric, hour, dimension_type, value) for hour, value in index]
+        aggs: list[Agg | None] = []
+        redirected: list[int] = []
+        for g, (hour, value) in enumerate(index):
+            series_value = self._series_value(metric.name, hour, dimension_type, value)
+            agg = self._agg_for(metric, hour, dimension_type, series_value)
+            aggs.append(agg)
+            if series_value != value and agg is not None:
+                redirected.append(g)
+        if redirected:
+            counts = np.bincount(ids, minlength=len(aggs))
+            self.overflow_events[(metric.name, dimension_type)] += int(counts[redirected].sum())
         if values is None:
             for agg, count in zip(aggs, np.bincount(ids, minlength=len(aggs)).tolist(), strict=True):
                 if agg is not None:
@@ -310,12 +325,17 @@ class AggregateState:
                 continue
             agg.add_group(end - start, as_list[start:end], mins[g], maxs[g], fps[g], sorted_values[start:end])
 
+    def _series_value(self, metric: str, hour: int, dimension_type: str | None, value: str | None) -> str | None:
+        """The dimension value a series is kept under: its own, or ``__overflow__`` past the cap."""
+        if dimension_type is None or value == OVERFLOW_VALUE or (hour, metric, dimension_type, value) in self._aggs:
+            return value
+        if self._series[(hour, metric, dimension_type)] >= self._max_series:
+            return OVERFLOW_VALUE
+        return value
+
     def _agg_for(self, metric: Metric, hour: int, dimension_type: str | None, value: str | None) -> Agg | None:
         key = (hour, metric.name, dimension_type, value)
         agg = self._aggs.get(key)
-        if agg is None and dimension_type is not None and value != OVERFLOW_VALUE:
-            if self._series[(hour, metric.name, dimension_type)] >= self._max_series:
-                return self._agg_for(metric, hour, dimension_type, OVERFLOW_VALUE)
         if self._accept is not None and not self._accept(key):
             return None
         if agg is None:

@@ -122,6 +122,20 @@ class Runtime:
         self.pipeline.revoke({(tp.topic, tp.partition) for tp in revoked})
         self._recovered = None  # the next assignment recovers the table again
 
+    def health(self) -> list:
+        """Per-partition state for the scrape; consumer lag from the fetcher's last known end
+        offsets (read from the scrape thread: plain integers, a stale value at worst)."""
+        ends: dict[TopicPartition, int] = {}
+        try:
+            consumer = self.app.consumer
+            for topic, partition in list(self.pipeline.states):
+                end = consumer.highwater(TP(topic, partition))
+                if end is not None and end >= 0:
+                    ends[(topic, partition)] = end
+        except Exception:  # not started, or stopping: lag is simply not reported
+            log.debug("no end offsets for the lag gauge", exc_info=True)
+        return self.pipeline.health(ends)
+
     # -- consuming ---------------------------------------------------------------------------
     async def process(self, events: list[Any]) -> None:
         # Only events of partitions whose table recovery completed in the current consumer
@@ -351,7 +365,7 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
     # Faust insists on a data directory even with in-memory tables: a private throwaway one.
     datadir = Path(tempfile.mkdtemp(prefix=f"streamagg-faust-{settings.app_id}-"))
     app, runtime = build_app(settings, telemetry, datadir)
-    telemetry.watch(lambda: runtime.pipeline.health())
+    telemetry.watch(runtime.health)
     server, _ = serve(registry, settings.metrics_host, settings.metrics_port)
     log.info(
         "worker %s: kafka %s, database %s, metrics http://%s:%d/metrics",

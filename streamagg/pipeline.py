@@ -141,6 +141,10 @@ class Pipeline:
             self._telemetry.too_late.inc(len(result.too_late))
             self._telemetry.late_events.inc(max(0, late - len(result.too_late)))
             state.advance(group[-1].offset)
+            overflow = state.aggregates.overflow_events
+            for (metric, dimension_type), count in overflow.items():
+                self._telemetry.overflow_events.labels(metric, dimension_type).inc(count)
+            overflow.clear()
         for letter in dead:
             self._telemetry.events_rejected.labels(letter.reason.value).inc()
         self._telemetry.records_processed.inc(applied)

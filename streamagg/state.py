@@ -290,4 +290,5 @@ class PartitionState:
 
     def estimated_bytes(self) -> int:
         """Rough memory of the held aggregates: retained sketch items at 4-8 bytes plus overhead."""
-        return sum(200 + (agg.sketch.retained * 8 if agg.sketch is not None else 0) for _, agg in self.aggregates.items())
+        # list(): a scrape runs in another thread; copying a dict's values is atomic under the GIL
+        return sum(200 + (agg.sketch.retained * 8 if agg.sketch is not None else 0) for agg in list(self.aggregates.values()))

@@ -16,7 +16,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .events import Reason
+
 NAMESPACE = "observability"
+# Stages of observability_aggregation_errors_total (app.py): a batch that raised, the database
+# (connect, flush, rollup), and offsets the consumer skipped and that were read again.
+ERROR_STAGES = ("process", "connect", "flush", "rollup", "skipped_offset")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Telemetry:
     too_late: Counter = field(init=False)
     flush_latency: Histogram = field(init=False)
     rows_written: Counter = field(init=False)
+    overflow_events: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         r, ns = self.registry, NAMESPACE
@@ -75,6 +81,18 @@ class Telemetry:
         self.rows_written = Counter(
             "rows_written", "Final rows inserted or changed in metrics_aggregates", ["granularity"], namespace=ns, registry=r
         )
+        self.overflow_events = Counter(
+            "overflow_events", "Events of series past STREAMAGG_MAX_SERIES_PER_DIMENSION, kept under __overflow__",
+            ["metric", "dimension_type"], namespace=ns, registry=r,
+        )  # fmt: skip
+
+        # Known label values start at 0, so every series exists before its first event.
+        for stage in ERROR_STAGES:
+            self.errors.labels(stage)
+        for reason in Reason:
+            self.events_rejected.labels(reason.value)
+        for granularity in ("hour", "day", "week"):
+            self.rows_written.labels(granularity)
 
     def watch(self, health: Callable[[], list[PartitionHealth]]) -> None:
         """Expose scrape-time state through ``health`` (called on every scrape)."""

@@ -170,6 +170,12 @@ def test_overflow_after_max_series(batch: int) -> None:
         if dimension_type is not None and value != "__overflow__":
             per_series[(hour, metric, dimension_type)] = per_series.get((hour, metric, dimension_type), 0) + 1
     assert max(per_series.values()) == 25
+    # The overflow counter counts exactly the events kept under __overflow__.
+    overflowed = {(k[1], k[2]): 0 for k in rows if k[3] == "__overflow__"}
+    for key, row in rows.items():
+        if key[3] == "__overflow__":
+            overflowed[(key[1], key[2])] += row.count
+    assert dict(state.overflow_events) == overflowed
 
 
 @pytest.mark.parametrize("granularity", ["day", "week"])
