@@ -56,6 +56,19 @@ class Row:
         return (self.bucket_ms, self.metric_name, self.dimension_type, self.dimension_value)
 
 
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What a full aggregate reports: the correctly rounded exact sum, extremes, mean, p50/p95/p99."""
+
+    sum: float
+    min: float
+    max: float
+    avg: float
+    p50: float
+    p95: float
+    p99: float
+
+
 class Agg:
     """Running statistics of one key. Count metrics use ``count`` only (``sketch`` is None)."""
 
@@ -99,12 +112,20 @@ class Agg:
         except SketchError as exc:
             raise StateError(f"cannot merge aggregates: {exc}") from exc
 
+    def summary(self) -> Summary | None:
+        """The reported statistics of a full aggregate; None for a count aggregate."""
+        if self.sketch is None:
+            return None
+        total = exact.rounded(self.total)
+        p50, p95, p99 = self.sketch.quantiles(QUANTILE_RANKS)
+        return Summary(total, self.min, self.max, total / self.count, p50, p95, p99)
+
     def to_row(self, key: Key, granularity: Granularity) -> Row:
         bucket_ms, metric, dimension_type, dimension_value = key
         if self.sketch is None:
             return Row(bucket_ms, granularity, metric, dimension_type, dimension_value, self.count)
-        total = exact.rounded(self.total)
-        p50, p95, p99 = self.sketch.quantiles(QUANTILE_RANKS)
+        summary = self.summary()
+        assert summary is not None
         return Row(
             bucket_ms,
             granularity,
@@ -112,13 +133,13 @@ class Agg:
             dimension_type,
             dimension_value,
             self.count,
-            sum_value=total,
-            min_value=self.min,
-            max_value=self.max,
-            avg_value=total / self.count,
-            p50_value=p50,
-            p95_value=p95,
-            p99_value=p99,
+            sum_value=summary.sum,
+            min_value=summary.min,
+            max_value=summary.max,
+            avg_value=summary.avg,
+            p50_value=summary.p50,
+            p95_value=summary.p95,
+            p99_value=summary.p99,
             sketch=self.sketch.serialize(),
             sketch_kind=str(self.sketch.kind),
             fingerprint=self.fingerprint,
