@@ -352,14 +352,16 @@ class Store:
     ) -> list[RowKey]:
         """Which rows of one slice are stored in the (granularity, start, end) ranges, without
         reading them: the global slice when ``dimension_type`` is None, every value of the type
-        when only ``dimension_value`` is None, else one series."""
+        when only ``dimension_value`` is None, else one series. Bucket times come as epoch ms
+        in one array per series and granularity: half the time of a record per row."""
         condition, slice_args = _slice_condition(dimension_type, dimension_value, first_param=5)
         sql = (
-            "SELECT t.granularity, t.bucket_time, t.dimension_value "
+            "SELECT t.granularity, t.dimension_value, "
+            "array_agg((extract(epoch FROM t.bucket_time) * 1000)::bigint) AS buckets_ms "
             "FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[]) AS r(g, start_time, end_time) "
             f"JOIN {TABLE} t "
             "ON t.granularity = r.g AND t.bucket_time >= r.start_time AND t.bucket_time < r.end_time "
-            f"WHERE t.metric_name = $1 AND {condition}"
+            f"WHERE t.metric_name = $1 AND {condition} GROUP BY t.granularity, t.dimension_value"
         )
         try:
             async with self._pool.acquire() as conn:
@@ -373,7 +375,7 @@ class Store:
                 )
         except _DB_ERRORS as exc:
             raise _wrap("reading row keys failed", exc) from exc
-        return [(r["granularity"], to_ms(r["bucket_time"]), r["dimension_value"]) for r in records]
+        return [(r["granularity"], bucket, r["dimension_value"]) for r in records for bucket in r["buckets_ms"]]
 
     async def fetch_rows_by_keys(self, metric: str, dimension_type: str | None, keys: Sequence[RowKey]) -> list[Row]:
         """The rows of one metric and dimension type (None: the global slice) with these keys."""
