@@ -209,7 +209,14 @@ def rollup(settings: Settings, granularity: str, start: int, end: int) -> None:
     show_default=True,
     help="total: one result per series over the whole range; hour|day|week: one per bucket overlapping it",
 )
-@click.option("--format", "output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="table: for a terminal; json: one JSON array for programs",
+)
 @_settings_options
 @_fail_cleanly
 def query(

@@ -61,15 +61,15 @@ def dashboard(
 def query_table(rows: Iterable[QueryRow], title: str) -> Table:
     """Results of ``streamagg query``: a bucket column unless they are totals, the series, then
     count, sum, min, max, avg, p50, p95, p99 ("-" where a count metric has no value)."""
-    rows = list(rows)
+    results = list(rows)
     table = Table(title=title)
-    by_bucket = any(row.bucket_ms is not None for row in rows)
+    by_bucket = any(row.bucket_ms is not None for row in results)
     if by_bucket:
         table.add_column("bucket (UTC)", no_wrap=True)
     table.add_column("series", no_wrap=True)
     for stat in ("count", "sum", "min", "max", "avg", "p50", "p95", "p99"):
         table.add_column(stat, justify="right")
-    for row in rows:
+    for row in results:
         bucket = [rfc3339(row.bucket_ms)] if row.bucket_ms is not None else []
         series = "(all)" if row.dimension_type is None else f"{row.dimension_type}={row.dimension_value}"
         stats = (row.sum, row.min, row.max, row.avg, row.p50, row.p95, row.p99)

@@ -212,8 +212,9 @@ def merge_rows(rows: Iterable[Row], granularity: QueryGranularity) -> list[Query
             continue
         into, first = merged[key]
         if row.sketch_kind != first.sketch_kind:
+            series = "(all)" if row.dimension_type is None else f"{row.dimension_type}={row.dimension_value}"
             raise MixedSketchKinds(
-                f"{row.metric_name} {row.dimension_type}={row.dimension_value}: the {first.granularity} row of "
+                f"{row.metric_name} {series}: the {first.granularity} row of "
                 f"{rfc3339(first.bucket_ms)} has sketch kind {first.sketch_kind}, the {row.granularity} row of "
                 f"{rfc3339(row.bucket_ms)} {row.sketch_kind}; sketches of different kinds never merge"
             )

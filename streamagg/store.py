@@ -77,6 +77,7 @@ _COLUMNS = (
 _T_COLUMNS = ", ".join("t." + c.strip() for c in _COLUMNS.split(","))
 
 RowKey = tuple[Granularity, int, str | None]  # (granularity, bucket start ms, dimension value) within one slice
+
 _UPSERT = f"""
 INSERT INTO {TABLE} AS t ({_COLUMNS})
 SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
