@@ -56,6 +56,19 @@ class Row:
         return (self.bucket_ms, self.metric_name, self.dimension_type, self.dimension_value)
 
 
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What a full aggregate reports: the correctly rounded exact sum, extremes, mean, p50/p95/p99."""
+
+    sum: float
+    min: float
+    max: float
+    avg: float
+    p50: float
+    p95: float
+    p99: float
+
+
 class Agg:
     """Running statistics of one key. Count metrics use ``count`` only (``sketch`` is None)."""
 
@@ -103,13 +116,21 @@ class Agg:
         """An empty aggregate of the same kind (to merge copies into)."""
         return Agg(self.sketch.kind if self.sketch is not None else None)
 
+    def summary(self) -> Summary | None:
+        """The reported statistics of a full aggregate; None for a count aggregate."""
+        if self.sketch is None:
+            return None
+        total = exact.rounded(self.total)
+        p50, p95, p99 = self.sketch.quantiles(QUANTILE_RANKS)
+        return Summary(total, self.min, self.max, total / self.count, p50, p95, p99)
+
     def to_row(self, key: Key, granularity: Granularity, sketch_bytes: bytes | None = None) -> Row:
         """The row of this aggregate; ``sketch_bytes``, when given, are its sketch already serialised."""
         bucket_ms, metric, dimension_type, dimension_value = key
         if self.sketch is None:
             return Row(bucket_ms, granularity, metric, dimension_type, dimension_value, self.count)
-        total = exact.rounded(self.total)
-        p50, p95, p99 = self.sketch.quantiles(QUANTILE_RANKS)
+        summary = self.summary()
+        assert summary is not None
         return Row(
             bucket_ms,
             granularity,
@@ -117,13 +138,13 @@ class Agg:
             dimension_type,
             dimension_value,
             self.count,
-            sum_value=total,
-            min_value=self.min,
-            max_value=self.max,
-            avg_value=total / self.count,
-            p50_value=p50,
-            p95_value=p95,
-            p99_value=p99,
+            sum_value=summary.sum,
+            min_value=summary.min,
+            max_value=summary.max,
+            avg_value=summary.avg,
+            p50_value=summary.p50,
+            p95_value=summary.p95,
+            p99_value=summary.p99,
             sketch=self.sketch.serialize() if sketch_bytes is None else sketch_bytes,
             sketch_kind=str(self.sketch.kind),
             fingerprint=self.fingerprint,

@@ -48,6 +48,12 @@ def to_datetime(time_ms: int) -> datetime:
     return EPOCH + timedelta(milliseconds=time_ms)
 
 
+def rfc3339(time_ms: int) -> str:
+    """RFC 3339 text of an epoch-millisecond time in UTC (``2026-11-26T13:00:00Z``)."""
+    timespec = "seconds" if time_ms % 1000 == 0 else "milliseconds"
+    return to_datetime(time_ms).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 def to_ms(moment: datetime) -> int:
     """Epoch milliseconds of an aware datetime (naive is refused: it has no meaning here)."""
     if moment.tzinfo is None:

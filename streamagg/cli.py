@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from .catalogue import METRICS_BY_NAME
 from .errors import StreamaggError
 from .settings import Settings, load_settings
 
@@ -188,6 +189,67 @@ def rollup(settings: Settings, granularity: str, start: int, end: int) -> None:
 
     result = _run(run())
     click.echo(f"{granularity} rows: {result.inserted} inserted, {result.updated} updated, {result.unchanged} unchanged")
+
+
+@main.command()
+@click.option("--metric", required=True, metavar="M", help=f"a metric of the catalogue: {', '.join(METRICS_BY_NAME)}")
+@click.option(
+    "--dimension",
+    metavar="TYPE[=VALUE]",
+    default=None,
+    help="TYPE: one series per value of that dimension type; TYPE=VALUE: that series only; "
+    "without: the global slice",
+)
+@click.option("--from", "start", type=TIME, required=True, help="start T (inclusive), on an hour boundary")
+@click.option("--to", "end", type=TIME, required=True, help="end T (exclusive), on an hour boundary")
+@click.option(
+    "--granularity",
+    type=click.Choice(["hour", "day", "week", "total"]),
+    default="total",
+    show_default=True,
+    help="total: one result per series over the whole range; hour|day|week: one per bucket overlapping it",
+)
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="table: for a terminal; json: one JSON array for programs",
+)
+@_settings_options
+@_fail_cleanly
+def query(
+    settings: Settings, metric: str, dimension: str | None, start: int, end: int, granularity: str, output: str
+) -> None:
+    """Aggregates of a metric over [from, to), merged from stored rows.
+
+    Count, sum, min, max, avg, p50, p95 and p99 (count only for count metrics), read from the
+    coarsest stored rows that tile the range: whole ISO weeks (Monday 00:00 UTC) from week
+    rows, whole days from day rows, the remaining hours from hour rows; where a week or day
+    row is missing (not rolled up yet), its days or hours stand in. Percentiles come from the
+    merged sketches. --format json prints one JSON array of objects with the keys bucket_time
+    (null for total), metric_name, dimension_type, dimension_value, count, sum, min, max, avg,
+    p50, p95, p99. A range without rows prints nothing (json: []) and says so on stderr.
+    """
+    from .dashboard import query_table
+    from .query import RangeQuery, run_query
+
+    dimension_type, dimension_value = None, None
+    if dimension is not None:
+        dimension_type, has_value, value = dimension.partition("=")
+        dimension_value = value if has_value else None
+    request = RangeQuery(metric, start, end, granularity, dimension_type, dimension_value)  # type: ignore[arg-type]
+    rows = run_query(settings, request)
+    if output == "json":
+        click.echo(json.dumps([row.to_json() for row in rows], indent=2))
+    elif rows:
+        from rich.console import Console
+
+        console = Console() if sys.stdout.isatty() else Console(width=160)
+        console.print(query_table(rows, request.describe()))
+    if not rows:
+        click.echo(f"no rows for {request.describe()}", err=True)
 
 
 @main.command()

@@ -11,8 +11,10 @@ import numpy as np
 from rich.table import Table
 
 from .aggregate import Key, Row
+from .buckets import rfc3339
 from .catalogue import METRICS
 from .oracle import Exact, percentile_cont
+from .query import QueryRow
 
 RANKS = (0.5, 0.95, 0.99)
 
@@ -53,6 +55,25 @@ def dashboard(
                     else ["-"] * 5
                 )
             table.add_row(*cells, end_section=i == len(values) - 1)
+    return table
+
+
+def query_table(rows: Iterable[QueryRow], title: str) -> Table:
+    """Results of ``streamagg query``: a bucket column unless they are totals, the series, then
+    count, sum, min, max, avg, p50, p95, p99 ("-" where a count metric has no value)."""
+    results = list(rows)
+    table = Table(title=title)
+    by_bucket = any(row.bucket_ms is not None for row in results)
+    if by_bucket:
+        table.add_column("bucket (UTC)", no_wrap=True)
+    table.add_column("series", no_wrap=True)
+    for stat in ("count", "sum", "min", "max", "avg", "p50", "p95", "p99"):
+        table.add_column(stat, justify="right")
+    for row in results:
+        bucket = [rfc3339(row.bucket_ms)] if row.bucket_ms is not None else []
+        series = "(all)" if row.dimension_type is None else f"{row.dimension_type}={row.dimension_value}"
+        stats = (row.sum, row.min, row.max, row.avg, row.p50, row.p95, row.p99)
+        table.add_row(*bucket, series, f"{row.count:,}", *(_fmt(value) for value in stats))
     return table
 
 

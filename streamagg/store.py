@@ -74,6 +74,10 @@ _COLUMNS = (
     "bucket_time, granularity, metric_name, dimension_type, dimension_value, count, sum_value, min_value, "
     "max_value, avg_value, p50_value, p95_value, p99_value, sketch, sketch_kind, value_fingerprint"
 )
+_T_COLUMNS = ", ".join("t." + c.strip() for c in _COLUMNS.split(","))
+
+RowKey = tuple[Granularity, int, str | None]  # (granularity, bucket start ms, dimension value) within one slice
+
 _UPSERT = f"""
 INSERT INTO {TABLE} AS t ({_COLUMNS})
 SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
@@ -334,7 +338,7 @@ class Store:
     ) -> list[Row]:
         """Hour rows in [start, end) of the given (metric, dimension type, dimension value) series."""
         sql = (
-            f"SELECT {', '.join('t.' + c.strip() for c in _COLUMNS.split(','))} "
+            f"SELECT {_T_COLUMNS} "
             f"FROM unnest($3::text[], $4::text[], $5::text[]) AS s(m, dt, dv) JOIN {TABLE} t "
             "ON t.metric_name = s.m AND coalesce(t.dimension_type, '') = coalesce(s.dt, '') "
             "AND coalesce(t.dimension_value, '') = coalesce(s.dv, '') "
@@ -352,6 +356,62 @@ class Store:
                 )
         except _DB_ERRORS as exc:
             raise _wrap("reading hour rows failed", exc) from exc
+        return [_row_from_record(r) for r in records]
+
+    async def fetch_row_keys(
+        self,
+        metric: str,
+        dimension_type: str | None,
+        dimension_value: str | None,
+        ranges: Sequence[tuple[Granularity, int, int]],
+    ) -> list[RowKey]:
+        """Which rows of one slice are stored in the (granularity, start, end) ranges, without
+        reading them: the global slice when ``dimension_type`` is None, every value of the type
+        when only ``dimension_value`` is None, else one series. Bucket times come as epoch ms
+        in one array per series and granularity: half the time of a record per row."""
+        condition, slice_args = _slice_condition(dimension_type, dimension_value, first_param=5)
+        sql = (
+            "SELECT t.granularity, t.dimension_value, "
+            "array_agg((extract(epoch FROM t.bucket_time) * 1000)::bigint) AS buckets_ms "
+            "FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[]) AS r(g, start_time, end_time) "
+            f"JOIN {TABLE} t "
+            "ON t.granularity = r.g AND t.bucket_time >= r.start_time AND t.bucket_time < r.end_time "
+            f"WHERE t.metric_name = $1 AND {condition} GROUP BY t.granularity, t.dimension_value"
+        )
+        try:
+            async with self._pool.acquire() as conn:
+                records = await conn.fetch(
+                    sql,
+                    metric,
+                    [r[0] for r in ranges],
+                    [to_datetime(r[1]) for r in ranges],
+                    [to_datetime(r[2]) for r in ranges],
+                    *slice_args,
+                )
+        except _DB_ERRORS as exc:
+            raise _wrap("reading row keys failed", exc) from exc
+        return [(r["granularity"], bucket, r["dimension_value"]) for r in records for bucket in r["buckets_ms"]]
+
+    async def fetch_rows_by_keys(self, metric: str, dimension_type: str | None, keys: Sequence[RowKey]) -> list[Row]:
+        """The rows of one metric and dimension type (None: the global slice) with these keys."""
+        sql = (
+            f"SELECT {_T_COLUMNS} "
+            f"FROM unnest($2::text[], $3::timestamptz[], $4::text[]) AS k(g, b, dv) JOIN {TABLE} t "
+            "ON t.metric_name = $1 AND coalesce(t.dimension_type, '') = coalesce($5::text, '') "
+            "AND coalesce(t.dimension_value, '') = coalesce(k.dv, '') AND t.granularity = k.g AND t.bucket_time = k.b"
+        )
+        try:
+            async with self._pool.acquire() as conn:
+                records = await conn.fetch(
+                    sql,
+                    metric,
+                    [k[0] for k in keys],
+                    [to_datetime(k[1]) for k in keys],
+                    [k[2] for k in keys],
+                    dimension_type,
+                )
+        except _DB_ERRORS as exc:
+            raise _wrap("reading rows failed", exc) from exc
         return [_row_from_record(r) for r in records]
 
     async def iter_hour_rows_by_key(self, start_ms: int, end_ms: int, batch: int = 2000) -> AsyncIterator[Row]:
@@ -405,6 +465,23 @@ def _final_row(
     for _, agg in pieces:
         merged.merge(agg)
     return merged.to_row(key, "hour")
+
+
+def _slice_condition(
+    dimension_type: str | None, dimension_value: str | None, first_param: int
+) -> tuple[str, list[str]]:
+    """SQL condition on ``t`` selecting one slice, each form matching an index: the global slice
+    and one type's values by (metric, granularity, dimension_type, bucket_time); one series by the
+    coalesce expressions of the series index ('' stands for NULL: no type or value of a typed
+    slice is NULL, and no type is '')."""
+    if dimension_type is None:
+        return "t.dimension_type IS NULL", []
+    if dimension_value is None:
+        return f"t.dimension_type = ${first_param}", [dimension_type]
+    return (
+        f"coalesce(t.dimension_type, '') = ${first_param} AND coalesce(t.dimension_value, '') = ${first_param + 1}",
+        [dimension_type, dimension_value],
+    )
 
 
 def _partial_columns(

@@ -8,8 +8,8 @@ users with a Zipf-like activity skew, some failed traces and spans without token
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ class SynthConfig:
     knowledge_bases: int = 40
     failure_rate: float = 0.04
     sigma: float = 1.0  # lognormal shape of every latency
+    kind_shares: Mapping[EventKind, float] = field(default_factory=lambda: dict(KIND_SHARES))  # e.g. traces only
 
 
 class Synth:
@@ -45,8 +46,8 @@ class Synth:
 
     def events(self, start_ms: int, hours: int, per_hour: int) -> Iterator[tuple[EventKind, int, dict[str, Any]]]:
         """``(kind, event time in epoch ms, event)`` for ``per_hour`` events in each hour."""
-        kinds = list(KIND_SHARES)
-        shares = np.array(list(KIND_SHARES.values()))
+        kinds = list(self.config.kind_shares)
+        shares = np.array(list(self.config.kind_shares.values()))
         for hour in range(hours):
             times = np.sort(self.rng.integers(0, HOUR_MS, size=per_hour)) + start_ms + hour * HOUR_MS
             picks = self.rng.choice(len(kinds), size=per_hour, p=shares / shares.sum())

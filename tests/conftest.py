@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -52,22 +52,32 @@ def stack(stack_factory: callable) -> tuple[Stack, StackInfo]:
     return stack_factory()
 
 
-@pytest.fixture
-def database(stack: tuple[Stack, StackInfo]) -> str:
-    """A fresh database per test on the session's PostgreSQL, so tests never see each other's rows."""
+@pytest.fixture(scope="session")
+def database_factory(stack: tuple[Stack, StackInfo]) -> Callable[[], str]:
+    """Makes fresh databases on the session's PostgreSQL, so tests never see each other's rows."""
     _, info = stack
     server = info.database_url.rsplit("/", 1)[0]
-    name = f"t_{uuid.uuid4().hex[:12]}"
 
-    async def create() -> None:
-        conn = await asyncpg.connect(f"{server}/postgres")
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
+    def make() -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
 
-    asyncio.run(create())
-    return f"{server}/{name}"
+        async def create() -> None:
+            conn = await asyncpg.connect(f"{server}/postgres")
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+        return f"{server}/{name}"
+
+    return make
+
+
+@pytest.fixture
+def database(database_factory: Callable[[], str]) -> str:
+    """A fresh database per test."""
+    return database_factory()
 
 
 @pytest.fixture

@@ -90,6 +90,24 @@ def test_estimation_mode_within_rank_guarantee(kind: str) -> None:
         assert rank_of(ordered, estimate, rank) <= bound, (rank, bound)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_estimates_sit_at_their_ranks_in_the_weighted_sample(kind: str) -> None:
+    """Past exact mode each estimate lies between the two order statistics around its rank of the
+    sample the sketch stands for (retained items repeated by their weights), as the library's own
+    rank function (which knows the weights) sees it."""
+    rng = np.random.default_rng(9)
+    sketch = Sketch(kind)
+    for _ in range(30):  # merged hours, as in a day row
+        hour = Sketch(kind)
+        hour.update_many(rng.lognormal(5, 1, 2000))
+        sketch.merge(hour)
+    assert not sketch.is_exact
+    impl, n = sketch._impl, sketch.n
+    for rank, estimate in zip(RANKS, sketch.quantiles(RANKS), strict=True):
+        assert impl.get_rank(estimate, False) <= rank + 1 / n, rank  # items below the estimate
+        assert impl.get_rank(estimate, True) >= rank - 1 / n, rank  # items up to it
+
+
 def test_default_kind_within_one_percent_of_value() -> None:
     """The bar of bench/accuracy for one hour of lognormal(5, 1) latencies (the bench takes the
     worst over 840 hours; one hour here keeps the test quick)."""
