@@ -109,6 +109,12 @@ class Runtime:
         sources = set(source_topics(self.settings))
         self._ready = {tp for tp in self.app.consumer.assignment() if tp.topic in sources}
         log.info("table recovered: %d partitions, %d records", len(index), sum(map(len, index.values())))
+        # Rebuild every owned partition that has checkpoints now, not on its next event: a
+        # partition whose events were all consumed and committed by a worker that died before
+        # flushing them gets no next event, and its hours would never be written.
+        for tp in sorted(self._ready):
+            if (tp.topic, tp.partition) in index:
+                self.pipeline.state_for(tp.topic, tp.partition)
 
     def _restore(self, topic: str, partition: int) -> list[tuple[Key | None, bytes]]:
         if self._recovered is None:

@@ -62,9 +62,9 @@ class Scenario:
         producer.close()
 
     # -- workers --------------------------------------------------------------------------
-    def start_worker(self, app_id: str | None = None) -> tuple[subprocess.Popen, int]:
+    def start_worker(self, app_id: str | None = None, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
         port = free_port()
-        env = {**self.env, "STREAMAGG_METRICS_PORT": str(port)}
+        env = {**self.env, **(extra_env or {}), "STREAMAGG_METRICS_PORT": str(port)}
         if app_id:
             env["STREAMAGG_APP_ID"] = app_id
         proc = subprocess.Popen(

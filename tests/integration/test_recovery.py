@@ -1,0 +1,51 @@
+"""Recovery without new events: a worker that committed everything and died before flushing
+leaves its hours in the checkpoint table only; the next owner must write them although its
+partitions never deliver another event."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from streamagg.topics import source_topics
+from tests.integration.test_worker import Scenario, assert_equal_to_oracle, counts_match, scenario, wait_for  # noqa: F401
+
+
+def committed_everything(world: Scenario) -> Callable[[], bool]:
+    """True once the group's committed offsets reach the end of every source partition."""
+    bootstrap = world.settings.kafka_bootstrap
+    parts = [TopicPartition(t, p) for t in source_topics(world.settings) for p in range(world.settings.partitions)]
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    ends = consumer.end_offsets(parts)
+    consumer.close()
+
+    def check() -> bool:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            committed = admin.list_group_offsets(world.settings.app_id)[world.settings.app_id]
+        except KafkaError:  # the group's coordinator is not there yet
+            return False
+        finally:
+            admin.close()
+        return all(tp in committed and committed[tp].offset >= ends[tp] for tp in parts if ends[tp] > 0)
+
+    return check
+
+
+def test_hours_only_in_the_checkpoint_are_flushed_by_the_next_owner(scenario: Callable[..., Scenario]) -> None:
+    world = scenario(hours=2, per_hour=1500, seed=16)
+    world.produce()
+    oracle = world.oracle()
+    # The first worker checkpoints and commits, but never flushes.
+    first, _ = world.start_worker(extra_env={"STREAMAGG_FLUSH_INTERVAL_SECONDS": "3600", "STREAMAGG_CHECKPOINT_INTERVAL_SECONDS": "1"})
+    wait_for("every offset committed", committed_everything(world), world.workers)
+    assert world.rows() == {}  # nothing was flushed: the hours live in the checkpoint table only
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    world.start_worker()  # no event will ever reach it
+    wait_for("rows from the checkpoints alone", counts_match(world, oracle), world.workers)
+    assert_equal_to_oracle(world, oracle)
