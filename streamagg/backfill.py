@@ -429,6 +429,7 @@ async def backfill(
         await consumer.stop()
     touched = await _write(store, settings, the_plan, replays, report, on_progress, clock, started)
     if not dry_run:
+        await store.analyze()
         for granularity in ("day", "week"):
             report.rollups[granularity] = await rollup_keys(store, granularity, touched)
     report.seconds = clock() - started

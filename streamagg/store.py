@@ -389,6 +389,16 @@ class Store:
             raise _wrap(f"deleting {granularity} rows failed", exc) from exc
         return int(status.split()[-1])
 
+    async def analyze(self) -> None:
+        """Refresh the planner's statistics of the final rows after a bulk write (a backfill):
+        planned on a near-empty table's statistics, every roll-up batch scanned the whole table
+        (measured: 0.6 s instead of 20 ms a batch, until autovacuum got to it)."""
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.execute(f"ANALYZE {TABLE}")
+        except _DB_ERRORS as exc:
+            raise _wrap("analyze failed", exc) from exc
+
     # -- reads -------------------------------------------------------------------------------
     async def stored_hour_keys(self, start_ms: int, end_ms: int) -> tuple[set[Key], set[tuple[Key, int]]]:
         """What is stored for the hours in [start, end): the keys of final hour rows, and
