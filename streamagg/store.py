@@ -316,12 +316,15 @@ class Store:
         written = {key for _, _, partials in batches for key, _ in partials}
         candidates = {r.key for r in retire} | set(orphans)
         keys = sorted(written | candidates, key=repr)
+        # Serialised before taking the locks, which other writers of these keys wait for.
+        columns = [_partial_columns(p, partials, offset) for p, offset, partials in batches]
+        merged_columns = [sum((c[i] for c in columns), []) for i in range(len(columns[0]))] if columns else []
         try:
             async with self._pool.acquire() as conn:
                 transaction = conn.transaction()
                 await transaction.start()
                 try:
-                    result = await self._write_partials(conn, keys, batches, retire, candidates - written)
+                    result = await self._write_partials(conn, keys, merged_columns, retire, candidates - written)
                 except BaseException:
                     await transaction.rollback()
                     raise
@@ -334,7 +337,7 @@ class Store:
         self,
         conn: asyncpg.Connection,
         keys: Sequence[Key],
-        batches: Sequence[tuple[int, int, Sequence[tuple[Key, Agg]]]],
+        partial_columns: list[list[Any]],
         retire: Sequence[Retire],
         may_vanish: set[Key],
     ) -> WriteResult:
@@ -344,9 +347,8 @@ class Store:
             "SELECT pg_advisory_xact_lock(id) FROM unnest($1::bigint[]) AS id ORDER BY id",
             sorted({_key_lock_id(key) for key in keys}),
         )
-        if batches:
-            columns = [_partial_columns(p, partials, offset) for p, offset, partials in batches]
-            await conn.execute(_UPSERT_PARTIALS, *[sum((c[i] for c in columns), []) for i in range(len(columns[0]))])
+        if partial_columns:
+            await conn.execute(_UPSERT_PARTIALS, *partial_columns)
         if retire:
             await conn.execute(
                 _RETIRE_PARTIALS, *_key_columns([r.key for r in retire]), [r.partition for r in retire],
