@@ -25,12 +25,12 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndTimestamp
 
 from .aggregate import Agg, AggregateState, Key
 from .buckets import HOUR_MS, bucket_start_ms, to_datetime
@@ -66,7 +66,8 @@ class RetentionRefused(BackfillError):
 
 
 def iso(time_ms: int) -> str:
-    return to_datetime(time_ms).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """RFC 3339 in UTC, as the command line takes it."""
+    return to_datetime(time_ms).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- the hours ----------------------------------------------------------------------------------
@@ -453,18 +454,16 @@ async def _partition_facts(
     starts = await consumer.offsets_for_times({tp: max(0, requested.start_ms - max_lateness_ms) for tp in tps})
     stops = await consumer.offsets_for_times({tp: requested.end_ms + max_lateness_ms for tp in tps})
     facts = [
-        PartitionFacts(
-            tp.topic, tp.partition, beginning[tp], end[tp],
-            None if starts.get(tp) is None else starts[tp].offset, None if stops.get(tp) is None else stops[tp].offset,
-        )  # fmt: skip
+        PartitionFacts(tp.topic, tp.partition, beginning[tp], end[tp], _offset(starts.get(tp)), _offset(stops.get(tp)))
         for tp in tps
     ]
     wanted = {TopicPartition(*f.tp): f.beginning for f in facts if f.needs_first_retained()}
     firsts = await _first_record_times(consumer, wanted)
-    return [
-        PartitionFacts(f.topic, f.partition, f.beginning, f.end, f.start, f.stop, firsts.get(TopicPartition(*f.tp)))
-        for f in facts
-    ]
+    return [replace(f, first_retained_ms=firsts.get(TopicPartition(*f.tp))) for f in facts]
+
+
+def _offset(found: OffsetAndTimestamp | None) -> int | None:
+    return None if found is None else found.offset
 
 
 async def _first_record_times(consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
