@@ -1,7 +1,7 @@
 """`streamagg backfill` on the real stack: beside a live worker it changes nothing (rows,
 revisions, the group's committed offsets); deleted rows come back identical; retention is
 refused or, with --allow-partial, only the rebuildable hours change; --dry-run writes nothing
-and predicts the real run."""
+and predicts the real run; alone, it builds the oracle's rows and reports its progress."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from collections.abc import Callable
 
 import asyncpg
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
 
-from streamagg.backfill import first_rebuildable_hour, iso
+from streamagg.backfill import HourRange, Progress, Report, backfill, first_rebuildable_hour, iso
 from streamagg.buckets import HOUR_MS, to_datetime
 from streamagg.oracle import exact_rollup
+from streamagg.store import Store
+from streamagg.telemetry import BackfillTelemetry
 from streamagg.topics import source_topics
 from tests.integration.harness import DEADLINE_SECONDS, Scenario, assert_equal_to_oracle, counts_match, wait_for
 from tests.unit.test_aggregate import assert_row_matches
@@ -237,3 +240,32 @@ def test_dry_run_writes_nothing_and_predicts_the_real_run(scenario: Callable[...
     assert_equal_to_oracle(world, oracle)
     assert stale not in world.rows()
     assert not sql(world, f"SELECT 1 FROM {PARTIALS} WHERE dimension_value = 'user-gone'")
+
+
+def test_without_a_worker_the_rows_are_the_oracles_and_progress_is_in_the_metrics(scenario: Callable[..., Scenario]) -> None:
+    world = scenario(hours=2, per_hour=2000, seed=35)
+    world.produce()
+    oracle = world.oracle()
+    telemetry = BackfillTelemetry(CollectorRegistry())
+    seen: list[Progress] = []
+
+    async def run() -> Report:
+        async with await Store.open(world.settings.database_url.get_secret_value(), "test") as store:
+            await store.migrate()
+            hours = HourRange(world.start_ms, world.start_ms + 2 * HOUR_MS)
+            return await backfill(world.settings, store, hours, telemetry=telemetry, on_progress=seen.append)
+
+    report = asyncio.run(run())
+    assert_equal_to_oracle(world, oracle)
+    for granularity in ("day", "week"):
+        rows = world.rows(granularity)
+        for key, (exact, hour_sums) in exact_rollup(oracle, granularity).items():
+            assert_row_matches(rows[key], exact, expected_sum=hour_sums)
+    partitions = len(source_partitions(world))
+    assert report.records == world.hours * world.per_hour and report.hour_rows.inserted == len(oracle)
+    value = telemetry.registry.get_sample_value
+    assert value("observability_backfill_partitions") == value("observability_backfill_partitions_done") == partitions
+    assert value("observability_backfill_events_replayed_total") == report.records
+    reading = [p for p in seen if p.phase == "reading"]
+    assert reading[0].records == 0 and reading[-1].partitions_done == partitions and reading[-1].records == report.records
+    assert [p.hours_done for p in seen if p.phase == "writing"] == [1, 2]
