@@ -30,7 +30,7 @@ from streamagg.demo import env_without_settings, fresh_database, resolve_target,
 from streamagg.events import validate
 from streamagg.generate import generate
 from streamagg.oracle import exact_hours
-from streamagg.settings import load_settings
+from streamagg.settings import Settings, load_settings
 from streamagg.stack import free_port
 from streamagg.synth import Synth
 from streamagg.topics import source_topics
@@ -71,35 +71,10 @@ def metric(port: int, name: str) -> float:
     return 0.0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--hours", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=5)
-    parser.add_argument("--profile", metavar="PATH", help="run the worker under pyinstrument, report to PATH")
-    args = parser.parse_args(argv)
-    err = Console(stderr=True)
-    settings = resolve_target(load_settings(), err)
-    run = uuid.uuid4().hex[:8]
-    database = asyncio.run(fresh_database(settings, f"streamagg_bench_{run}"))
-    settings = settings.model_copy(update={
-        "database_url": settings.database_url.__class__(database), "topic_prefix": f"bench-{run}.",
-        "app_id": f"streamagg-bench-{run}", "partitions": 8, "flush_interval_seconds": 1.0, "grace_seconds": 1,
-        "session_timeout_seconds": 6.0, "metrics_port": free_port(),
-    })  # fmt: skip
-    per_hour = args.events // args.hours
-    total = per_hour * args.hours
-    start = bucket_start_ms(int(time.time() * 1000), "hour") - (args.hours + 1) * HOUR_MS
-    err.print(f"pre-filling {total:,} events into {settings.topic_prefix}* ...")
-    asyncio.run(generate(settings, args.hours, per_hour, args.seed, start))
-    events = [validate(k, e) for k, _, e in Synth(args.seed).events(start, args.hours, per_hour)]
-    expected = {key: exact.count for key, exact in exact_hours(events).items()}
-
-    err.print("baseline: plain aiokafka consumer, read + json.loads ...")
-    baseline_seconds = asyncio.run(plain_consumer(settings.kafka_bootstrap, list(source_topics(settings)), settings.partitions, total))
-
-    err.print("streamagg: one worker process, first read to last hour row committed ...")
-    runner = [sys.executable, "-m", "pyinstrument", "-o", args.profile] if args.profile else [sys.executable]
+def worker_end_to_end(settings: Settings, expected: dict, err: Console, profile: str | None = None) -> float:
+    """Seconds for one `streamagg worker` process from its first read to the last of the
+    ``expected`` hour rows committed (stopped with SIGTERM afterwards)."""
+    runner = [sys.executable, "-m", "pyinstrument", "-o", profile] if profile else [sys.executable]
     worker = subprocess.Popen([*runner, "-m", "streamagg", "--quiet", "worker"],
                               env={**env_without_settings(), **worker_env(settings)}, stdin=subprocess.DEVNULL)  # fmt: skip
     try:
@@ -113,10 +88,48 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.05)
         with err.status("waiting for every hour row") as status:
             asyncio.run(wait_for_rows(settings, expected, worker, 900, status))
-        worker_seconds = time.perf_counter() - first_read
+        return time.perf_counter() - first_read
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
+
+
+def prefilled(name: str, events: int, hours: int, seed: int, err: Console) -> tuple[Settings, int, dict]:
+    """Fresh topics (8 partitions) holding ``events`` generated events over ``hours`` hours ending
+    an hour ago, a fresh database, and settings for a fast-closing worker; returns the settings,
+    the first hour and the exact count of every hour row."""
+    settings = resolve_target(load_settings(), err)
+    run = uuid.uuid4().hex[:8]
+    database = asyncio.run(fresh_database(settings, f"streamagg_{name}_{run}"))
+    settings = settings.model_copy(update={
+        "database_url": settings.database_url.__class__(database), "topic_prefix": f"{name}-{run}.",
+        "app_id": f"streamagg-{name}-{run}", "partitions": 8, "flush_interval_seconds": 1.0, "grace_seconds": 1,
+        "session_timeout_seconds": 6.0, "metrics_port": free_port(),
+    })  # fmt: skip
+    per_hour = events // hours
+    start = bucket_start_ms(int(time.time() * 1000), "hour") - (hours + 1) * HOUR_MS
+    err.print(f"pre-filling {per_hour * hours:,} events into {settings.topic_prefix}* ...")
+    asyncio.run(generate(settings, hours, per_hour, seed, start))
+    decoded = [validate(k, e) for k, _, e in Synth(seed).events(start, hours, per_hour)]
+    return settings, start, {key: exact.count for key, exact in exact_hours(decoded).items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--hours", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--profile", metavar="PATH", help="run the worker under pyinstrument, report to PATH")
+    args = parser.parse_args(argv)
+    err = Console(stderr=True)
+    settings, _, expected = prefilled("bench", args.events, args.hours, args.seed, err)
+    total = args.events // args.hours * args.hours
+
+    err.print("baseline: plain aiokafka consumer, read + json.loads ...")
+    baseline_seconds = asyncio.run(plain_consumer(settings.kafka_bootstrap, list(source_topics(settings)), settings.partitions, total))
+
+    err.print("streamagg: one worker process, first read to last hour row committed ...")
+    worker_seconds = worker_end_to_end(settings, expected, err, args.profile)
     baseline_rate = total / baseline_seconds
     worker_rate = total / worker_seconds
     print(f"events                      {total:>12,}")

@@ -253,6 +253,131 @@ def query(
 
 
 @main.command()
+@click.option("--from", "start", type=TIME, default=None, help="start T, rounded down to a whole hour")
+@click.option("--to", "end", type=TIME, default=None, help="end T (exclusive), rounded up to a whole hour")
+@click.option("--allow-partial", is_flag=True, help="if retention deleted the start of the range, rebuild the hours after it")
+@click.option("--dry-run", is_flag=True, help="write nothing; list per hour the rows that would change")
+@_settings_options
+@_fail_cleanly
+def backfill(settings: Settings, start: int | None, end: int | None, allow_partial: bool, dry_run: bool) -> None:
+    """Recompute every hour in [from, to) by replaying the source topics, then its days and weeks.
+
+    Without --from/--to: the previous complete hour. A from/to inside an hour is rounded
+    outward to whole UTC hours (an hour row is rebuilt whole or not at all). Each partition is
+    read from the first record at from - STREAMAGG_MAX_LATENESS_SECONDS to its end when the
+    backfill starts (or until its watermark passes to + max lateness), by a consumer outside
+    the worker's group: a running worker is undisturbed and its committed offsets do not move.
+    Rebuilt hours hold exactly what the topics hold (rows the replay finds no events for are
+    deleted) except where a worker has read further; a second run changes nothing.
+
+    If retention deleted records the range needs, the backfill refuses and names the first
+    hour that can be rebuilt; --allow-partial rebuilds from that hour on and leaves earlier
+    hours alone. stdout: per hour, the hour rows inserted, changed, deleted and unchanged (with
+    --dry-run: that would be). Progress on stderr. Prometheus progress metrics are served only
+    when --metrics-port is given on the command line (the variable is the live worker's).
+    """
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from .backfill import backfill as run_backfill
+    from .backfill import hour_range, iso
+    from .store import Store
+    from .telemetry import BackfillTelemetry, serve
+
+    requested = hour_range(start, end, int(time.time() * 1000))
+    telemetry = BackfillTelemetry(CollectorRegistry())
+    server = None
+    if click.get_current_context().params.get("metrics_port") is not None:
+        server, _ = serve(telemetry.registry, settings.metrics_host, settings.metrics_port)
+        log.info("backfill metrics on http://%s:%d/metrics", settings.metrics_host, server.server_port)
+
+    async def run() -> Any:
+        async with await Store.open(settings.database_url.get_secret_value(), settings.redacted_dsn()) as store:
+            await store.migrate()
+            return await run_backfill(settings, store, requested, allow_partial=allow_partial, dry_run=dry_run,
+                                      telemetry=telemetry, on_progress=progress)  # fmt: skip
+
+    progress = _ProgressDisplay()
+    try:
+        with progress:
+            report = _run(run())
+    finally:
+        if server is not None:
+            server.shutdown()
+    click.echo("hour\tinserted\tchanged\tdeleted\tunchanged")
+    for hour, result in sorted(report.hours.items()):
+        click.echo(f"{iso(hour)}\t{result.inserted}\t{result.updated}\t{result.deleted}\t{result.unchanged}")
+    rows = report.hour_rows
+    rate = report.records / report.seconds if report.seconds > 0 else 0.0
+    would = "would be " if dry_run else ""
+    summary = (
+        f"{'dry run, nothing written: ' if dry_run else ''}{len(report.plan.hours)} hour"
+        f"{'' if len(report.plan.hours) == 1 else 's'} {would}rebuilt "
+        f"{report.plan.hours}; hour rows: {rows.inserted} {would}inserted, {rows.updated} {would}changed, "
+        f"{rows.deleted} {would}deleted, {rows.unchanged} unchanged"
+    )
+    for granularity, result in report.rollups.items():
+        summary += f"; {granularity} rows: {result.inserted} inserted, {result.updated} changed, {result.deleted} deleted"
+    summary += f"; {report.records:,} events replayed in {report.seconds:.1f} s ({rate:,.0f} events/s)"
+    if report.plan.skipped:
+        summary += f"; left alone: {', '.join(f'{t}[{p}]' for t, p in report.plan.skipped)}"
+    click.echo(summary, err=True)
+
+
+class _ProgressDisplay:
+    """Backfill progress on stderr: a live bar on a terminal, otherwise a plain line every few seconds."""
+
+    PLAIN_EVERY_SECONDS = 5.0
+
+    def __init__(self) -> None:
+        self._console = _stderr_console()
+        self._bar: Any = None
+        self._task: Any = None
+        self._last_line = 0.0
+        self._milestone: tuple = ()  # phase, reading finished, writing finished: each gets a line
+
+    def __enter__(self) -> _ProgressDisplay:
+        if self._console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                console=self._console, transient=True,
+            )  # fmt: skip
+            self._bar.start()
+            self._task = self._bar.add_task("backfill", total=None, detail="planning")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, progress: Any) -> None:
+        if progress.phase == "reading":
+            eta = progress.eta_seconds
+            detail = (
+                f"{progress.partitions_done}/{progress.partitions} partitions, {progress.records:,} of "
+                f"~{progress.expected_records:,} events, {progress.records_per_second:,.0f} events/s"
+                + (f", ETA {eta:.0f} s" if eta is not None else "")
+            )
+            done, total = progress.records, max(progress.expected_records, progress.records)
+        else:
+            detail = f"{progress.hours_done}/{progress.hours} hours"
+            done, total = progress.hours_done, progress.hours
+        if self._bar is not None:
+            self._bar.update(self._task, description=progress.phase, completed=done, total=total, detail=detail)
+            return
+        import time
+
+        now = time.monotonic()
+        milestone = (progress.phase, progress.partitions_done == progress.partitions, progress.hours_done == progress.hours)
+        if now - self._last_line >= self.PLAIN_EVERY_SECONDS or milestone != self._milestone:
+            self._last_line, self._milestone = now, milestone
+            self._console.print(f"backfill {progress.phase}: {detail}", highlight=False, soft_wrap=True)
+
+
+@main.command()
 @click.option("--hours", type=click.IntRange(min=1), required=True, help="how many hours of telemetry")
 @click.option("--events-per-hour", type=click.IntRange(min=1), required=True, help="events in each hour, all topics")
 @click.option("--seed", type=int, default=1, show_default=True, help="the same seed gives the same events")

@@ -51,7 +51,8 @@ async def rollup(store: Store, granularity: Granularity, start_ms: int, end_ms: 
 
 
 async def rollup_keys(store: Store, granularity: Granularity, hour_keys: Iterable[Key]) -> WriteResult:
-    """Recompute the ``granularity`` rows that contain the given hour keys (after a flush)."""
+    """Recompute the ``granularity`` rows that contain the given hour keys (after a flush or a
+    backfill); a row whose series has no hour row left in its bucket is deleted."""
     if granularity == "hour":
         raise ValueError("hour rows come from events, not from roll-ups")
     by_bucket: defaultdict[int, set[tuple[str, str | None, str | None]]] = defaultdict(set)
@@ -61,6 +62,11 @@ async def rollup_keys(store: Store, granularity: Granularity, hour_keys: Iterabl
     for bucket, series in sorted(by_bucket.items()):
         ordered = sorted(series, key=repr)
         for i in range(0, len(ordered), _WRITE_BATCH):
-            rows = await store.fetch_hour_rows_of(bucket, bucket_end_ms(bucket, granularity), ordered[i : i + _WRITE_BATCH])
+            batch = ordered[i : i + _WRITE_BATCH]
+            rows = await store.fetch_hour_rows_of(bucket, bucket_end_ms(bucket, granularity), batch)
             result += await store.upsert_rows(roll_up(rows, granularity))
+            empty = set(batch) - {row.key[1:] for row in rows}
+            if empty:  # never for a flush, which writes hours; a backfill may have removed some
+                gone = [(bucket, *s) for s in sorted(empty, key=repr)]
+                result += WriteResult(deleted=await store.delete_rollups_without_hours(granularity, gone))
     return result

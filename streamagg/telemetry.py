@@ -127,3 +127,23 @@ class _HealthCollector(Collector):
 def serve(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
     """``/metrics`` over HTTP in a daemon thread; ``server.shutdown()`` stops it."""
     return start_http_server(port, addr=host, registry=registry)
+
+
+@dataclass
+class BackfillTelemetry:
+    """Progress of ``streamagg backfill``, on its own registry: a live worker's ``/metrics`` does
+    not carry them, and a backfill serves them only when asked to (``--metrics-port``)."""
+
+    registry: CollectorRegistry
+    partitions: Gauge = field(init=False)
+    partitions_done: Gauge = field(init=False)
+    events_replayed: Counter = field(init=False)
+
+    def __post_init__(self) -> None:
+        r, ns = self.registry, NAMESPACE
+        # Not "..._total": that suffix belongs to counters.
+        self.partitions = Gauge("backfill_partitions", "Source partitions the backfill replays", namespace=ns, registry=r)
+        self.partitions_done = Gauge(
+            "backfill_partitions_done", "Source partitions replayed to the end of their window", namespace=ns, registry=r
+        )
+        self.events_replayed = Counter("backfill_events_replayed", "Records read by the backfill", namespace=ns, registry=r)

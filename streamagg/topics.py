@@ -28,16 +28,32 @@ def deadletter_topic(settings: Settings) -> str:
     return settings.topic("deadletter")
 
 
+def _admin(settings: Settings) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id=f"{settings.app_id}-admin")
+    except KafkaError as exc:
+        raise TopicError(f"kafka at {settings.kafka_bootstrap} is unreachable: {exc}") from exc
+
+
+def existing_partitions(settings: Settings, names: list[str]) -> dict[str, int]:
+    """Partition counts of those of ``names`` that exist on the broker; creates nothing."""
+    admin = _admin(settings)
+    try:
+        present = [name for name in names if name in set(admin.list_topics())]
+        return {topic["name"]: len(topic["partitions"]) for topic in admin.describe_topics(present)} if present else {}
+    except KafkaError as exc:
+        raise TopicError(f"cannot describe topics on {settings.kafka_bootstrap}: {exc}") from exc
+    finally:
+        admin.close()
+
+
 def ensure_topics(settings: Settings, names: list[str] | None = None) -> dict[str, int]:
     """Create the source and dead letter topics (``STREAMAGG_PARTITIONS`` partitions) if missing.
 
     Returns each topic's partition count as it is on the broker (an existing topic keeps its own).
     """
     wanted = names or [*source_topics(settings), deadletter_topic(settings)]
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id=f"{settings.app_id}-admin")
-    except KafkaError as exc:
-        raise TopicError(f"kafka at {settings.kafka_bootstrap} is unreachable: {exc}") from exc
+    admin = _admin(settings)
     try:
         existing = set(admin.list_topics())
         missing = [name for name in wanted if name not in existing]

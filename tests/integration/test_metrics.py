@@ -16,7 +16,7 @@ from streamagg.buckets import HOUR_MS
 from streamagg.catalogue import OVERFLOW_VALUE
 from streamagg.events import Reason
 from streamagg.synth import Synth
-from tests.integration.test_worker import Scenario, metric, scenario, wait_for  # noqa: F401 (fixture)
+from tests.integration.harness import Scenario, metric, wait_for
 
 
 def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:

@@ -12,7 +12,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from streamagg.topics import source_topics
-from tests.integration.test_worker import Scenario, assert_equal_to_oracle, counts_match, scenario, wait_for  # noqa: F401
+from tests.integration.harness import Scenario, assert_equal_to_oracle, counts_match, wait_for
 
 
 def committed_everything(world: Scenario) -> Callable[[], bool]:

@@ -170,3 +170,48 @@ def test_one_transaction_over_many_keys_fits_the_lock_table(database: str) -> No
             assert result.inserted == len(state)
 
     asyncio.run(run())
+
+
+def test_retired_partials_and_orphans_leave_exactly_the_replayed_rows(database: str) -> None:
+    """What a backfill writes: retired partials go unless they include more of their partition,
+    keys left without partials lose their final hour row, a dry run changes nothing, and day
+    rows of series with no hour left go too."""
+    from streamagg.rollup import rollup_keys
+    from streamagg.store import Retire
+
+    events = make_events(hours=1, per_hour=600, seed=26)
+    partitions = [AggregateState(kinds(), 10_000) for _ in range(2)]
+    for i, event in enumerate(events):
+        partitions[i % 2].ingest([event])
+    both = sorted(set(partitions[0].keys()) & set(partitions[1].keys()), key=repr)
+    only_one = sorted(set(partitions[1].keys()) - set(partitions[0].keys()), key=repr)
+    gone, newer = only_one[0], only_one[1]
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.write_partials(0, list(partitions[0].items()), source_offset=10)
+            await store.write_partials(1, list(partitions[1].items()), source_offset=10)
+            await store.write_partials(1, [(newer, partitions[1][newer])], source_offset=99)  # read further
+            await store.upsert_rows([partitions[0][both[0]].to_row((START_MS, "junk", None, None), "hour")])
+            junk = (START_MS, "junk", None, None)
+            await rollup_keys(store, "day", [gone, junk, both[0]])
+            before_rows = await store.fetch_rows("hour", START_MS, START_MS + HOUR_MS)
+            before_revisions = await store.revisions()
+            retire = [Retire(both[0], 1, 10), Retire(gone, 1, 10), Retire(newer, 1, 10)]
+
+            dry = await store.write_partials_of([], retire, [junk], dry_run=True)
+            assert await store.fetch_rows("hour", START_MS, START_MS + HOUR_MS) == before_rows
+            assert await store.revisions() == before_revisions
+            real = await store.write_partials_of([], retire, [junk])
+            assert real == dry
+            # both[0] lost partition 1's share; gone and junk lost their rows; newer kept its partial.
+            assert (real.updated, real.deleted, real.unchanged) == (1, 2, 1)
+            rows = {row.key: row for row in await store.fetch_rows("hour", START_MS, START_MS + HOUR_MS)}
+            assert gone not in rows and junk not in rows and newer in rows
+            assert stats(rows[both[0]]) == stats(partitions[0][both[0]].to_row(both[0], "hour"))
+            rolled = await rollup_keys(store, "day", [gone, junk, both[0]])
+            assert rolled.deleted == 2 and rolled.updated == 1
+            day_keys = {row.key for row in await store.fetch_rows("day", START_MS, START_MS + 24 * HOUR_MS)}
+            assert (bucket_start_ms(START_MS, "day"), *gone[1:]) not in day_keys
+
+    asyncio.run(run())

@@ -1,0 +1,271 @@
+"""`streamagg backfill` on the real stack: beside a live worker it changes nothing (rows,
+revisions, the group's committed offsets); deleted rows come back identical; retention is
+refused or, with --allow-partial, only the rebuildable hours change; --dry-run writes nothing
+and predicts the real run; alone, it builds the oracle's rows and reports its progress."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+
+import asyncpg
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from streamagg.backfill import HourRange, Progress, Report, backfill, first_rebuildable_hour, iso
+from streamagg.buckets import HOUR_MS, to_datetime
+from streamagg.oracle import exact_rollup
+from streamagg.store import Store
+from streamagg.telemetry import BackfillTelemetry
+from streamagg.topics import source_topics
+from tests.integration.harness import DEADLINE_SECONDS, Scenario, assert_equal_to_oracle, counts_match, wait_for
+from tests.unit.test_aggregate import assert_row_matches
+
+TABLE = "observability.metrics_aggregates"
+PARTIALS = "observability.metrics_partials"
+
+
+def backfill_cli(world: Scenario, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamagg", "backfill", *args],
+        env=world.env, capture_output=True, text=True, timeout=DEADLINE_SECONDS,
+    )  # fmt: skip
+
+
+def table(stdout: str) -> dict[str, tuple[int, int, int, int]]:
+    """The per-hour table: hour -> (inserted, changed, deleted, unchanged)."""
+    header, *lines = stdout.strip().splitlines()
+    assert header.split("\t") == ["hour", "inserted", "changed", "deleted", "unchanged"]
+    return {hour: tuple(map(int, rest)) for hour, *rest in (line.split("\t") for line in lines)}  # type: ignore[misc]
+
+
+def sql(world: Scenario, query: str, *args: object) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(world.settings.database_url.get_secret_value())
+        try:
+            return await conn.fetch(query, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def all_rows(world: Scenario) -> dict[str, dict]:
+    return {granularity: world.rows(granularity) for granularity in ("hour", "day", "week")}
+
+
+def partials(world: Scenario) -> list[tuple]:
+    return [tuple(r) for r in sql(world, f"SELECT * FROM {PARTIALS} ORDER BY 1, 2, 3, 4, 5")]
+
+
+def source_partitions(world: Scenario) -> list[TopicPartition]:
+    consumer = KafkaConsumer(bootstrap_servers=world.settings.kafka_bootstrap)
+    try:
+        return [TopicPartition(t, p) for t in source_topics(world.settings) for p in sorted(consumer.partitions_for_topic(t))]
+    finally:
+        consumer.close()
+
+
+def end_offsets(world: Scenario) -> dict[TopicPartition, int]:
+    consumer = KafkaConsumer(bootstrap_servers=world.settings.kafka_bootstrap)
+    try:
+        return {tp: offset for tp, offset in consumer.end_offsets(source_partitions(world)).items() if offset > 0}
+    finally:
+        consumer.close()
+
+
+def committed_offsets(world: Scenario) -> dict[TopicPartition, int]:
+    """The live group's committed offsets (kafka-python 3 names the admin call list_group_offsets)."""
+    admin = KafkaAdminClient(bootstrap_servers=world.settings.kafka_bootstrap)
+    try:
+        offsets = admin.list_group_offsets(world.settings.app_id)[world.settings.app_id]
+    finally:
+        admin.close()
+    return {tp: meta.offset for tp, meta in offsets.items()}
+
+
+def consumer_groups(world: Scenario) -> list:
+    admin = KafkaAdminClient(bootstrap_servers=world.settings.kafka_bootstrap)
+    try:
+        return sorted(map(str, admin.list_groups()))
+    finally:
+        admin.close()
+
+
+def run_worker_to_the_oracle(world: Scenario, oracle: dict) -> None:
+    """A live worker until every hour, day and week row of the data is stored (it keeps running)."""
+    world.start_worker()
+    wait_for("hour rows to match the oracle's counts", counts_match(world, oracle), world.workers)
+    for granularity in ("day", "week"):
+        expected = {key: exact.count for key, (exact, _) in exact_rollup(oracle, granularity).items()}
+        wait_for(f"{granularity} rows", lambda g=granularity, e=expected: {k: r.count for k, r in world.rows(g).items()} == e,
+                 world.workers)  # fmt: skip
+
+
+def test_beside_a_live_worker_twice_nothing_changes(scenario: Callable[..., Scenario]) -> None:
+    """The middle hour of three with 30 minutes of lateness: the replay starts and stops inside
+    the topics (where the live group's offsets are not), yet rows, revisions, the group's
+    committed offsets and the list of groups stay as they are."""
+    world = scenario(hours=3, per_hour=1500, seed=31, STREAMAGG_MAX_LATENESS_SECONDS="1800")
+    world.produce()
+    oracle = world.oracle()
+    run_worker_to_the_oracle(world, oracle)
+    worker = world.workers[0]
+    ends = end_offsets(world)
+    wait_for("the live group to commit every offset", lambda: {tp: o for tp, o in committed_offsets(world).items() if tp in ends} == ends,
+             world.workers)  # fmt: skip
+    offsets, groups = committed_offsets(world), consumer_groups(world)
+    before, revisions = all_rows(world), world.revisions()
+    hour = world.start_ms + HOUR_MS
+    keys = sum(1 for key in oracle if key[0] == hour)
+
+    for _ in range(2):
+        result = backfill_cli(world, "--from", iso(hour), "--to", iso(hour + HOUR_MS))
+        assert committed_offsets(world) == offsets
+        assert result.returncode == 0, result.stderr
+        assert table(result.stdout) == {iso(hour): (0, 0, 0, keys)}
+        replayed = int(re.search(r"([\d,]+) events replayed", result.stderr).group(1).replace(",", ""))  # type: ignore[union-attr]
+        assert world.per_hour < replayed < world.hours * world.per_hour  # the windows, not the whole topics
+        assert_equal_to_oracle(world, oracle)
+        assert world.revisions() == revisions
+        assert all_rows(world) == before
+    assert worker.poll() is None  # undisturbed
+    assert consumer_groups(world) == groups  # the backfill joined no group
+
+
+def test_deleted_rows_come_back_identical(scenario: Callable[..., Scenario]) -> None:
+    """A few dozen values per key and hour keep every sketch (hours, days, weeks) in exact mode,
+    where even its bytes are a function of the values: the rows come back byte for byte."""
+    world = scenario(hours=3, per_hour=120, seed=32)
+    world.produce()
+    oracle = world.oracle()
+    run_worker_to_the_oracle(world, oracle)
+    world.stop_all()
+    before = all_rows(world)
+    sql(world, f"DELETE FROM {TABLE}")
+    assert all_rows(world) == {"hour": {}, "day": {}, "week": {}}
+
+    result = backfill_cli(world, "--from", iso(world.start_ms), "--to", iso(world.start_ms + 3 * HOUR_MS))
+    assert result.returncode == 0, result.stderr
+    inserted = {iso(h): sum(1 for key in oracle if key[0] == h) for h in range(world.start_ms, world.start_ms + 3 * HOUR_MS, HOUR_MS)}
+    assert table(result.stdout) == {hour: (n, 0, 0, 0) for hour, n in inserted.items()}
+    assert all_rows(world) == before
+    assert set(world.revisions().values()) == {1}
+
+
+def test_retention_refuses_then_allow_partial_rebuilds_only_the_rest(scenario: Callable[..., Scenario]) -> None:
+    lateness_s = 1800
+    world = scenario(hours=4, per_hour=400, seed=33, STREAMAGG_MAX_LATENESS_SECONDS=str(lateness_s))
+    world.produce()
+    oracle = world.oracle()
+    run_worker_to_the_oracle(world, oracle)
+    world.stop_all()
+    # Every hour's global trace count is made wrong, so a rebuild shows where it happened.
+    sql(world, f"UPDATE {TABLE} SET count = count + 1000, revision = revision + 1 "
+               "WHERE granularity = 'hour' AND metric_name = 'trace.count' AND dimension_type IS NULL")  # fmt: skip
+
+    # Retention: one partition loses its records older than 1h10m into the data.
+    tp = TopicPartition(world.settings.topic("traces"), 0)
+    consumer = KafkaConsumer(bootstrap_servers=world.settings.kafka_bootstrap, enable_auto_commit=False)
+    cut = consumer.offsets_for_times({tp: world.start_ms + HOUR_MS + 10 * 60_000})[tp].offset
+    admin = KafkaAdminClient(bootstrap_servers=world.settings.kafka_bootstrap)
+    admin.delete_records({tp: cut})
+    admin.close()
+    consumer.assign([tp])
+    consumer.seek(tp, cut)
+    first_kept = next(iter(consumer.poll(timeout_ms=10_000, max_records=1).values()))[0]
+    consumer.close()
+    assert first_kept.offset == cut
+    first = first_rebuildable_hour(first_kept.timestamp, lateness_s * 1000)
+    assert world.start_ms < first < world.start_ms + 4 * HOUR_MS
+    before, revisions = all_rows(world), world.revisions()
+    span = ("--from", iso(world.start_ms), "--to", iso(world.start_ms + 4 * HOUR_MS))
+
+    refused = backfill_cli(world, *span)
+    assert refused.returncode != 0 and refused.stdout == ""
+    reason = refused.stderr.strip().splitlines()[-1]
+    assert f"the first hour that can be rebuilt is {iso(first)}" in reason and f"offset {cut}" in reason
+    assert all_rows(world) == before and world.revisions() == revisions
+
+    partial = backfill_cli(world, *span, "--allow-partial")
+    assert partial.returncode == 0, partial.stderr
+    assert list(table(partial.stdout)) == [iso(h) for h in range(first, world.start_ms + 4 * HOUR_MS, HOUR_MS)]
+    after, after_revisions = world.rows(), world.revisions()
+    for key, row in after.items():
+        if key[0] < first:  # left alone, wrong global count included
+            assert row == before["hour"][key]
+        else:
+            assert_row_matches(row, oracle[key])
+    changed = {k for k in after_revisions if k[1] == "hour" and after_revisions[k] != revisions.get(k)}
+    assert changed and all(k[0] >= to_datetime(first) for k in changed)
+
+
+def test_dry_run_writes_nothing_and_predicts_the_real_run(scenario: Callable[..., Scenario]) -> None:
+    world = scenario(hours=3, per_hour=300, seed=34)
+    world.produce()
+    oracle = world.oracle()
+    run_worker_to_the_oracle(world, oracle)
+    world.stop_all()
+    h0, h1, h2 = (world.start_ms + i * HOUR_MS for i in range(3))
+    # hour 0 loses 5 rows, hour 1 gets 3 wrong counts, hour 2 a partial and a row no event backs.
+    sql(world, f"DELETE FROM {TABLE} WHERE ctid IN (SELECT ctid FROM {TABLE} WHERE granularity = 'hour' "
+               "AND bucket_time = $1 ORDER BY metric_name, dimension_value LIMIT 5)", to_datetime(h0))  # fmt: skip
+    sql(world, f"UPDATE {TABLE} SET count = count + 7 WHERE ctid IN (SELECT ctid FROM {TABLE} WHERE granularity = 'hour' "
+               "AND bucket_time = $1 ORDER BY metric_name, dimension_value LIMIT 3)", to_datetime(h1))  # fmt: skip
+    columns = "bucket_time, metric_name, dimension_type, count, sum_parts, min_value, max_value, sketch, sketch_kind, value_fingerprint"
+    sql(world, f"INSERT INTO {PARTIALS} ({columns}, dimension_value, source_partition, source_offset) "
+               f"SELECT {columns}, 'user-gone', source_partition, -1 FROM {PARTIALS} WHERE bucket_time = $1 "
+               "AND metric_name = 'trace.count' AND dimension_type = 'user_id' LIMIT 1", to_datetime(h2))  # fmt: skip
+    sql(world, f"INSERT INTO {TABLE} (bucket_time, granularity, metric_name, dimension_type, dimension_value, count) "
+               "VALUES ($1, 'hour', 'trace.count', 'user_id', 'user-gone', 1)", to_datetime(h2))  # fmt: skip
+    stale = (h2, "trace.count", "user_id", "user-gone")
+    assert stale in world.rows()
+    before, revisions, stored_partials = all_rows(world), world.revisions(), partials(world)
+    keys = {h: sum(1 for key in oracle if key[0] == h) for h in (h0, h1, h2)}
+    expected = {iso(h0): (5, 0, 0, keys[h0] - 5), iso(h1): (0, 3, 0, keys[h1] - 3), iso(h2): (0, 0, 1, keys[h2])}
+    span = ("--from", iso(h0), "--to", iso(h2 + HOUR_MS))
+
+    dry = backfill_cli(world, *span, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert table(dry.stdout) == expected
+    assert dry.stderr.strip().splitlines()[-1].startswith("dry run, nothing written")
+    assert all_rows(world) == before and world.revisions() == revisions and partials(world) == stored_partials
+
+    real = backfill_cli(world, *span)
+    assert real.returncode == 0, real.stderr
+    assert table(real.stdout) == expected
+    assert_equal_to_oracle(world, oracle)
+    assert stale not in world.rows()
+    assert not sql(world, f"SELECT 1 FROM {PARTIALS} WHERE dimension_value = 'user-gone'")
+
+
+def test_without_a_worker_the_rows_are_the_oracles_and_progress_is_in_the_metrics(scenario: Callable[..., Scenario]) -> None:
+    world = scenario(hours=2, per_hour=2000, seed=35)
+    world.produce()
+    oracle = world.oracle()
+    telemetry = BackfillTelemetry(CollectorRegistry())
+    seen: list[Progress] = []
+
+    async def run() -> Report:
+        async with await Store.open(world.settings.database_url.get_secret_value(), "test") as store:
+            await store.migrate()
+            hours = HourRange(world.start_ms, world.start_ms + 2 * HOUR_MS)
+            return await backfill(world.settings, store, hours, telemetry=telemetry, on_progress=seen.append)
+
+    report = asyncio.run(run())
+    assert_equal_to_oracle(world, oracle)
+    for granularity in ("day", "week"):
+        rows = world.rows(granularity)
+        for key, (exact, hour_sums) in exact_rollup(oracle, granularity).items():
+            assert_row_matches(rows[key], exact, expected_sum=hour_sums)
+    partitions = len(source_partitions(world))
+    assert report.records == world.hours * world.per_hour and report.hour_rows.inserted == len(oracle)
+    value = telemetry.registry.get_sample_value
+    assert value("observability_backfill_partitions") == value("observability_backfill_partitions_done") == partitions
+    assert value("observability_backfill_events_replayed_total") == report.records
+    reading = [p for p in seen if p.phase == "reading"]
+    assert reading[0].records == 0 and reading[-1].partitions_done == partitions and reading[-1].records == report.records
+    assert [p.hours_done for p in seen if p.phase == "writing"] == [1, 2]
