@@ -46,6 +46,7 @@ BATCH_MAX = 10_000
 BATCH_WITHIN_SECONDS = 0.25
 TABLE_NAME = "partials"
 FLUSH_KEYS_PER_TRANSACTION = 5_000
+ANALYZE_MIN_ROWS = 5_000
 
 
 def _chunks(items: list, max_keys: int) -> Iterator[list]:
@@ -92,6 +93,8 @@ class Runtime:
         # partition that saw it, its day and week once per roll-up interval.
         self._to_roll_up: set[Key] = set()
         self._last_rollup = 0.0
+        self._inserted_since_analyze = 0  # final rows, since the planner's statistics were refreshed
+        self._inserted_at_analyze = 0
         self._rollup_base = max(5.0, 5 * settings.flush_interval_seconds)
         self._rollup_interval = self._rollup_base
         self.failed = False  # set when the worker stops because of an internal error
@@ -240,10 +243,21 @@ class Runtime:
                     self._failed("flush", exc)
                     continue
                 self.telemetry.rows_written.labels("hour").inc(result.inserted + result.updated)
+                self._inserted_since_analyze += result.inserted
                 now_ms = time.time() * 1000
                 for item in owned:
                     self.telemetry.flush_latency.observe(max(0.0, (now_ms - item.closed_at_ms) / 1000))
                     self._to_roll_up.update(key for key, _ in item.items)
+            if self._inserted_since_analyze > max(ANALYZE_MIN_ROWS, self._inserted_at_analyze):
+                # The table doubled since the planner last looked: a fresh table's statistics
+                # make every roll-up lookup scan it, long before autovacuum's first analyze.
+                try:
+                    await store.analyze()
+                except StoreError as exc:
+                    self._failed("flush", exc)
+                    return
+                self._inserted_at_analyze += self._inserted_since_analyze
+                self._inserted_since_analyze = 0
             if self._to_roll_up and time.monotonic() - self._last_rollup >= self._rollup_interval:
                 touched, self._to_roll_up = self._to_roll_up, set()
                 started = time.monotonic()
