@@ -142,7 +142,9 @@ class PartitionState:
             self.aggregates.put(key, agg)
             self._key_offsets[key] = offset
             self._replay_until = max(self._replay_until, offset)
-        self.offset = max(self.offset, self._replay_until)
+        # ``offset`` stays the meta record's: what *every* key includes. Keys of a checkpoint that
+        # crashed half-way may include more (up to the replay limit), but a checkpoint taken
+        # while replaying must label the other keys, and commit, only what was replayed so far.
         self._mark_flush_dirty(self.aggregates.take_dirty())
 
     # -- admission ---------------------------------------------------------------------------

@@ -166,3 +166,33 @@ def test_admit_after_restore_replays_from_the_committed_offset_but_not_past_a_ga
     restored = new_state()
     restored.offset = 99
     assert restored.admit([105]).seek == 100  # a prefetched message from beyond: read from 100
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_repeated_crashes_mid_checkpoint_and_mid_replay(seed: int) -> None:
+    """Several incarnations in a row, each restored from the changelog and resumed at the
+    committed offset, each checkpointing (also in the middle of its replay) and crashing at a
+    random point, possibly half-way through a checkpoint; the last one runs to the end."""
+    rng = random.Random(1000 + seed)
+    events = make_events(hours=2, per_hour=300, seed=seed + 90)
+    batch = list(enumerate(events))
+    log: list[tuple[bytes, bytes | None]] = []
+    committed = -1
+    for incarnation in range(4):
+        state = new_state()
+        state.restore(changelog_view(log))
+        position = committed + 1
+        last = incarnation == 3
+        crash_at = len(batch) if last else min(len(batch), position + rng.randrange(1, 250))
+        while position < crash_at:
+            step = rng.randrange(1, 40)
+            state.ingest(batch[position : min(position + step, crash_at)], LATENESS_MS)
+            position = min(position + step, crash_at)
+            if rng.random() < 0.5:
+                records = state.checkpoint_records()
+                if not last and rng.random() < 0.25:
+                    log.extend(records[: rng.randrange(len(records))])  # crash while writing it
+                    break
+                log.extend(records)
+                committed = state.offset
+    assert final_stats(state) == reference(events)
