@@ -1,13 +1,13 @@
 """Which quantile sketch should back the *_ms metrics? Measured, not assumed.
 
-For lognormal(5, 1) latencies at 20,000 values an hour, prints the worst relative error of
+For lognormal(5, 1) latencies at 1,000, 3,000 and 20,000 values an hour, prints the worst relative error of
 p50/p95/p99 against the exact PERCENTILE_CONT of the same values, for an hour, a day (24
 hour sketches merged) and a week (168 merged), over several seeds, with serialized sizes,
-for KLL k=200 (the library default, the baseline), KLL k=400 and REQ-HRA k=12, 24, 48, 64.
+for KLL k=200 (the library default, the baseline), KLL k=400 and REQ-HRA k=12, 24, 48, 64, 96.
 "Worst" is over every hour and every day of the week of each seed, not one sample of each.
 Exits non-zero if the configured default misses the 1% bar anywhere.
 
-    .venv/bin/python -m bench.accuracy [--seeds 5] [--per-hour 20000]
+    .venv/bin/python -m bench.accuracy [--seeds 5] [--per-hour 1000,3000,20000]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from rich.table import Table
 from sketches import Sketch
 from streamagg.settings import Settings
 
-KINDS = ("kll-k200", "kll-k400", "req-hra-k12", "req-hra-k24", "req-hra-k48", "req-hra-k64")
+KINDS = ("kll-k200", "kll-k400", "req-hra-k12", "req-hra-k24", "req-hra-k48", "req-hra-k64", "req-hra-k96")
 BASELINE = "kll-k200"
 RANKS = (0.5, 0.95, 0.99)
 BAR = 0.01
@@ -65,36 +65,41 @@ def measure(seeds: int, per_hour: int) -> tuple[dict, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--per-hour", type=int, default=20_000)
+    parser.add_argument(
+        "--per-hour", type=lambda text: [int(n) for n in text.split(",")], default=[1_000, 3_000, 20_000],
+        help="values per hour, comma separated: a sketch errs most just past its exact mode",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     default = Settings.model_fields["sketch_kind"].default
 
     console = Console() if sys.stdout.isatty() else Console(width=110)
     started = time.perf_counter()
-    errors, sizes = measure(args.seeds, args.per_hour)
-    table = Table(
-        title=f"Worst relative error over {args.seeds} seeds, lognormal(5, 1), {args.per_hour:,} values/hour",
-        caption=f"bar: {BAR:.0%} at p50, p95 and p99 at every granularity; ratio = p99 error / {BASELINE}'s",
-    )
-    for column in ("sketch", "granularity", "p50", "p95", "p99", "p99 vs baseline", "bytes", "meets bar"):
-        table.add_column(column, justify="left" if column in ("sketch", "granularity") else "right")
-    for kind in KINDS:
-        for granularity in GRANULARITIES:
-            err = errors[kind][granularity]
-            ratio = err[2] / errors[BASELINE][granularity][2]
-            table.add_row(
-                kind + (" (default)" if kind == default else ""),
-                granularity,
-                *(f"{e:.3%}" for e in err),
-                f"{ratio:.2f}x",
-                f"{sizes[kind][granularity]:,.0f}",
-                "yes" if err.max() <= BAR else "no",
-                end_section=granularity == "week",
-            )
-    console.print(table)
-    worst = max(errors[default][g].max() for g in GRANULARITIES)
+    worst = 0.0
+    for per_hour in args.per_hour:
+        errors, sizes = measure(args.seeds, per_hour)
+        table = Table(
+            title=f"Worst relative error over {args.seeds} seeds, lognormal(5, 1), {per_hour:,} values/hour",
+            caption=f"bar: {BAR:.0%} at p50, p95 and p99 at every granularity; ratio = p99 error / {BASELINE}'s",
+        )
+        for column in ("sketch", "granularity", "p50", "p95", "p99", "p99 vs baseline", "bytes", "meets bar"):
+            table.add_column(column, justify="left" if column in ("sketch", "granularity") else "right")
+        for kind in KINDS:
+            for granularity in GRANULARITIES:
+                err = errors[kind][granularity]
+                baseline = errors[BASELINE][granularity][2]
+                table.add_row(
+                    kind + (" (default)" if kind == default else ""),
+                    granularity,
+                    *(f"{e:.3%}" for e in err),
+                    f"{err[2] / baseline:.2f}x" if baseline else "-",
+                    f"{sizes[kind][granularity]:,.0f}",
+                    "yes" if err.max() <= BAR else "no",
+                    end_section=granularity == "week",
+                )
+        console.print(table)
+        worst = max(worst, *(errors[default][g].max() for g in GRANULARITIES))
     verdict = "meets" if worst <= BAR else "MISSES"
-    console.print(f"default {default}: worst error {worst:.3%}, {verdict} the {BAR:.0%} bar "
+    console.print(f"default {default}: worst error {worst:.3%} over every size, {verdict} the {BAR:.0%} bar "
                   f"({time.perf_counter() - started:.1f} s)")  # fmt: skip
     return 0 if worst <= BAR else 1
 
