@@ -47,6 +47,7 @@ BATCH_WITHIN_SECONDS = 0.25
 TABLE_NAME = "partials"
 FLUSH_KEYS_PER_TRANSACTION = 5_000
 ANALYZE_MIN_ROWS = 5_000
+RETRY_MAX_SECONDS = 60.0
 
 
 def _chunks(items: list, max_keys: int) -> Iterator[list]:
@@ -86,6 +87,7 @@ class Runtime:
         self._store: Store | None = None
         self._flush_lock = asyncio.Lock()
         self._failures = 0
+        self._retry_at = 0.0  # monotonic time before which flushes wait (exponential backoff)
         self._pending_deliveries: list[asyncio.Future] = []
         self._checkpoint_lock = asyncio.Lock()
         self._ready: set[TP] = set()  # source partitions recovered in this generation
@@ -225,6 +227,8 @@ class Runtime:
 
     async def flush(self) -> None:
         """Write closed hours' partials (and the final rows); roll up their days and weeks."""
+        if time.monotonic() < self._retry_at:
+            return  # backing off after a database error; the state waits in memory
         async with self._flush_lock:
             try:
                 store = await self.store()
@@ -280,7 +284,9 @@ class Runtime:
     def _failed(self, stage: str, exc: StreamaggError) -> None:
         self._failures += 1
         self.telemetry.errors.labels(stage).inc()
-        log.warning("%s failed (%d in a row; state kept, retried next interval): %s", stage, self._failures, exc)
+        delay = min(RETRY_MAX_SECONDS, self.settings.flush_interval_seconds * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
+        log.warning("%s failed (%d in a row; state kept, retried in %.0f s): %s", stage, self._failures, delay, exc)
 
     async def scheduled_rollup(self, now_ms: int) -> None:
         """01:00 UTC: the previous day, and on Mondays the previous week, from stored hours."""

@@ -4,15 +4,18 @@ partitions never deliver another event."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
+import uuid
 from collections.abc import Callable
 
+import asyncpg
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from streamagg.topics import source_topics
-from tests.integration.harness import Scenario, assert_equal_to_oracle, counts_match, wait_for
+from tests.integration.harness import Scenario, assert_equal_to_oracle, counts_match, metric, wait_for
 
 
 def committed_everything(world: Scenario) -> Callable[[], bool]:
@@ -48,4 +51,31 @@ def test_hours_only_in_the_checkpoint_are_flushed_by_the_next_owner(scenario: Ca
     first.wait()
     world.start_worker()  # no event will ever reach it
     wait_for("rows from the checkpoints alone", counts_match(world, oracle), world.workers)
+    assert_equal_to_oracle(world, oracle)
+
+
+def test_a_database_that_is_not_there_yet_is_retried_with_backoff_and_nothing_is_lost(
+    scenario: Callable[..., Scenario], database: str
+) -> None:
+    server = database.rsplit("/", 1)[0]
+    late = f"t_late_{uuid.uuid4().hex[:10]}"
+    world = scenario(hours=2, per_hour=800, seed=17, STREAMAGG_DATABASE_URL=f"{server}/{late}")
+    world.produce()
+    oracle = world.oracle()
+    _, port = world.start_worker()
+    # Connecting fails (the database does not exist): counted, and retried with growing pauses.
+    wait_for("connect errors", lambda: (metric(port, "observability_aggregation_errors_total", '{stage="connect"}') or 0) >= 3, world.workers)
+    first = metric(port, "observability_aggregation_errors_total", '{stage="connect"}') or 0
+    time.sleep(3)
+    assert (metric(port, "observability_aggregation_errors_total", '{stage="connect"}') or 0) - first <= 2  # not one a second
+
+    async def create() -> None:
+        conn = await asyncpg.connect(f"{server}/postgres")
+        try:
+            await conn.execute(f'CREATE DATABASE "{late}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    wait_for("every row once the database is there", counts_match(world, oracle), world.workers, seconds=240)
     assert_equal_to_oracle(world, oracle)
