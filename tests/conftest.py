@@ -52,6 +52,19 @@ def stack(stack_factory: callable) -> tuple[Stack, StackInfo]:
     return stack_factory()
 
 
+def create_database(server: str, name: str) -> None:
+    """CREATE DATABASE on the PostgreSQL server of ``server`` (a DSN without a database)."""
+
+    async def create() -> None:
+        conn = await asyncpg.connect(f"{server}/postgres")
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+
+
 @pytest.fixture(scope="session")
 def database_factory(stack: tuple[Stack, StackInfo]) -> Callable[[], str]:
     """Makes fresh databases on the session's PostgreSQL, so tests never see each other's rows."""
@@ -60,15 +73,7 @@ def database_factory(stack: tuple[Stack, StackInfo]) -> Callable[[], str]:
 
     def make() -> str:
         name = f"t_{uuid.uuid4().hex[:12]}"
-
-        async def create() -> None:
-            conn = await asyncpg.connect(f"{server}/postgres")
-            try:
-                await conn.execute(f'CREATE DATABASE "{name}"')
-            finally:
-                await conn.close()
-
-        asyncio.run(create())
+        create_database(server, name)
         return f"{server}/{name}"
 
     return make

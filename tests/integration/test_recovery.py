@@ -1,20 +1,19 @@
-"""Recovery without new events: a worker that committed everything and died before flushing
-leaves its hours in the checkpoint table only; the next owner must write them although its
-partitions never deliver another event."""
+"""Recovery: a worker that committed everything and died before flushing leaves its hours in
+the checkpoint table only, and the next owner must write them although its partitions never
+deliver another event; a database that is not there is retried with backoff, losing nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 import uuid
 from collections.abc import Callable
 
-import asyncpg
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from streamagg.topics import source_topics
+from tests.conftest import create_database
 from tests.integration.harness import Scenario, assert_equal_to_oracle, counts_match, metric, wait_for
 
 
@@ -68,14 +67,6 @@ def test_a_database_that_is_not_there_yet_is_retried_with_backoff_and_nothing_is
     first = metric(port, "observability_aggregation_errors_total", '{stage="connect"}') or 0
     time.sleep(3)
     assert (metric(port, "observability_aggregation_errors_total", '{stage="connect"}') or 0) - first <= 2  # not one a second
-
-    async def create() -> None:
-        conn = await asyncpg.connect(f"{server}/postgres")
-        try:
-            await conn.execute(f'CREATE DATABASE "{late}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
+    create_database(server, late)
     wait_for("every row once the database is there", counts_match(world, oracle), world.workers, seconds=240)
     assert_equal_to_oracle(world, oracle)
