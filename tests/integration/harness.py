@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from kafka import KafkaProducer
@@ -187,3 +190,7 @@ def scenario(stack: tuple[Stack, StackInfo], database: str) -> Iterator[Callable
     yield make
     for item in made:
         item.stop_all()
+        # A SIGKILLed worker cannot remove its private Faust data directory (app.run_worker).
+        # The pattern covers the scenario's other app ids too (they extend its own).
+        for leftover in Path(tempfile.gettempdir()).glob(f"streamagg-faust-{item.settings.app_id}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
