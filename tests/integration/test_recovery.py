@@ -64,10 +64,17 @@ def test_a_database_that_is_not_there_yet_is_retried_with_backoff_and_nothing_is
     oracle = world.oracle()
     _, port = world.start_worker()
     # Connecting fails (the database does not exist): counted, and retried with growing pauses.
-    wait_for("connect errors", lambda: (metric(port, "observability_aggregation_errors_total", '{stage="connect"}') or 0) >= 3, world.workers)
-    first = metric(port, "observability_aggregation_errors_total", '{stage="connect"}') or 0
-    time.sleep(3)
-    assert (metric(port, "observability_aggregation_errors_total", '{stage="connect"}') or 0) - first <= 2  # not one a second
+    def reached(errors: int, seconds: float = 60) -> float:
+        """When the connect errors first reached ``errors`` (polled finely: the gaps are measured)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if (metric(port, "observability_aggregation_errors_total", '{stage="connect"}') or 0) >= errors:
+                return time.monotonic()
+            time.sleep(0.05)
+        raise AssertionError(f"fewer than {errors} connect errors after {seconds:.0f} s")
+
+    third, fourth = reached(3), reached(4)
+    assert fourth - third >= 3.0  # after three failures the pause is 4 flush intervals (1 s each), not one
     create_database(server, late)
     wait_for("every row once the database is there", counts_match(world, oracle), world.workers, seconds=240)
     assert_equal_to_oracle(world, oracle)
