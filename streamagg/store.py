@@ -247,6 +247,23 @@ class Store:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    async def _fetch(self, what: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """One statement's records on a pooled connection; a database error becomes a StoreError
+        saying ``what`` failed."""
+        try:
+            async with self._pool.acquire() as conn:
+                return await conn.fetch(sql, *args)
+        except _DB_ERRORS as exc:
+            raise _wrap(f"{what} failed", exc) from exc
+
+    async def _execute(self, what: str, sql: str, *args: Any) -> str:
+        """One statement's status on a pooled connection (errors as in :meth:`_fetch`)."""
+        try:
+            async with self._pool.acquire() as conn:
+                return await conn.execute(sql, *args)
+        except _DB_ERRORS as exc:
+            raise _wrap(f"{what} failed", exc) from exc
+
     # -- schema ------------------------------------------------------------------------------
     async def migrate(self) -> list[str]:
         """Apply the versioned SQL files not applied yet, in order; returns their names."""
@@ -405,13 +422,10 @@ class Store:
             raise ValueError("hour rows are deleted with their partials (write_partials_of)")
         if not keys:
             return 0
-        try:
-            async with self._pool.acquire() as conn:
-                status = await conn.execute(
-                    _DELETE_ROLLUPS_WITHOUT_HOURS, granularity, *_key_columns(keys), timedelta(milliseconds=width_ms(granularity))
-                )
-        except _DB_ERRORS as exc:
-            raise _wrap(f"deleting {granularity} rows failed", exc) from exc
+        status = await self._execute(
+            f"deleting {granularity} rows", _DELETE_ROLLUPS_WITHOUT_HOURS, granularity, *_key_columns(keys),
+            timedelta(milliseconds=width_ms(granularity)),
+        )  # fmt: skip
         return int(status.split()[-1])
 
     async def analyze(self) -> None:
@@ -419,11 +433,7 @@ class Store:
         (a backfill, a worker's first flushes): planned on a near-empty table's statistics, every
         roll-up batch scanned the whole table (measured: 0.6 s instead of 20 ms a batch, until
         autovacuum got to it)."""
-        try:
-            async with self._pool.acquire() as conn:
-                await conn.execute(f"ANALYZE {TABLE}, {PARTIALS}")
-        except _DB_ERRORS as exc:
-            raise _wrap("analyze failed", exc) from exc
+        await self._execute("analyze", f"ANALYZE {TABLE}, {PARTIALS}")
 
     # -- reads -------------------------------------------------------------------------------
     async def stored_hour_keys(self, start_ms: int, end_ms: int) -> tuple[set[Key], set[tuple[Key, int]]]:
@@ -461,11 +471,7 @@ class Store:
         if metric is not None:
             sql += " AND metric_name = $4"
             args.append(metric)
-        try:
-            async with self._pool.acquire() as conn:
-                return [_row_from_record(r) for r in await conn.fetch(sql, *args)]
-        except _DB_ERRORS as exc:
-            raise _wrap("reading rows failed", exc) from exc
+        return [_row_from_record(r) for r in await self._fetch("reading rows", sql, *args)]
 
     async def fetch_hour_rows_of(
         self, start_ms: int, end_ms: int, series: Sequence[tuple[str, str | None, str | None]]
@@ -478,18 +484,10 @@ class Store:
             "AND coalesce(t.dimension_value, '') = coalesce(s.dv, '') "
             "WHERE t.granularity = 'hour' AND t.bucket_time >= $1 AND t.bucket_time < $2"
         )
-        try:
-            async with self._pool.acquire() as conn:
-                records = await conn.fetch(
-                    sql,
-                    to_datetime(start_ms),
-                    to_datetime(end_ms),
-                    [s[0] for s in series],
-                    [s[1] for s in series],
-                    [s[2] for s in series],
-                )
-        except _DB_ERRORS as exc:
-            raise _wrap("reading hour rows failed", exc) from exc
+        records = await self._fetch(
+            "reading hour rows", sql, to_datetime(start_ms), to_datetime(end_ms),
+            [s[0] for s in series], [s[1] for s in series], [s[2] for s in series],
+        )  # fmt: skip
         return [_row_from_record(r) for r in records]
 
     async def fetch_row_keys(
@@ -512,18 +510,10 @@ class Store:
             "ON t.granularity = r.g AND t.bucket_time >= r.start_time AND t.bucket_time < r.end_time "
             f"WHERE t.metric_name = $1 AND {condition} GROUP BY t.granularity, t.dimension_value"
         )
-        try:
-            async with self._pool.acquire() as conn:
-                records = await conn.fetch(
-                    sql,
-                    metric,
-                    [r[0] for r in ranges],
-                    [to_datetime(r[1]) for r in ranges],
-                    [to_datetime(r[2]) for r in ranges],
-                    *slice_args,
-                )
-        except _DB_ERRORS as exc:
-            raise _wrap("reading row keys failed", exc) from exc
+        records = await self._fetch(
+            "reading row keys", sql, metric, [r[0] for r in ranges],
+            [to_datetime(r[1]) for r in ranges], [to_datetime(r[2]) for r in ranges], *slice_args,
+        )  # fmt: skip
         return [(r["granularity"], bucket, r["dimension_value"]) for r in records for bucket in r["buckets_ms"]]
 
     async def fetch_rows_by_keys(self, metric: str, dimension_type: str | None, keys: Sequence[RowKey]) -> list[Row]:
@@ -534,18 +524,10 @@ class Store:
             "ON t.metric_name = $1 AND coalesce(t.dimension_type, '') = coalesce($5::text, '') "
             "AND coalesce(t.dimension_value, '') = coalesce(k.dv, '') AND t.granularity = k.g AND t.bucket_time = k.b"
         )
-        try:
-            async with self._pool.acquire() as conn:
-                records = await conn.fetch(
-                    sql,
-                    metric,
-                    [k[0] for k in keys],
-                    [to_datetime(k[1]) for k in keys],
-                    [k[2] for k in keys],
-                    dimension_type,
-                )
-        except _DB_ERRORS as exc:
-            raise _wrap("reading rows failed", exc) from exc
+        records = await self._fetch(
+            "reading rows", sql, metric, [k[0] for k in keys], [to_datetime(k[1]) for k in keys],
+            [k[2] for k in keys], dimension_type,
+        )  # fmt: skip
         return [_row_from_record(r) for r in records]
 
     async def iter_hour_rows_by_key(self, start_ms: int, end_ms: int, batch: int = 2000) -> AsyncIterator[Row]:
