@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 
 from streamagg.aggregate import Row
 from streamagg.buckets import HOUR_MS, bucket_start_ms
@@ -30,6 +31,7 @@ from streamagg.settings import Settings
 from streamagg.stack import Stack, StackInfo, free_port
 from streamagg.store import Store
 from streamagg.synth import Synth
+from streamagg.topics import source_topics
 from tests.unit.test_aggregate import assert_row_matches
 
 DEADLINE_SECONDS = 180
@@ -107,6 +109,42 @@ class Scenario:
                 return await store.revisions()
 
         return asyncio.run(fetch())
+
+
+def source_partitions(world: Scenario) -> list[TopicPartition]:
+    consumer = KafkaConsumer(bootstrap_servers=world.settings.kafka_bootstrap)
+    try:
+        return [TopicPartition(t, p) for t in source_topics(world.settings) for p in sorted(consumer.partitions_for_topic(t))]
+    finally:
+        consumer.close()
+
+
+def end_offsets(world: Scenario) -> dict[TopicPartition, int]:
+    """End offsets of the source partitions that hold records."""
+    consumer = KafkaConsumer(bootstrap_servers=world.settings.kafka_bootstrap)
+    try:
+        return {tp: offset for tp, offset in consumer.end_offsets(source_partitions(world)).items() if offset > 0}
+    finally:
+        consumer.close()
+
+
+def committed_offsets(world: Scenario) -> dict[TopicPartition, int]:
+    """The live group's committed offsets; empty while the group has no coordinator yet
+    (kafka-python 3 names the admin call list_group_offsets)."""
+    admin = KafkaAdminClient(bootstrap_servers=world.settings.kafka_bootstrap)
+    try:
+        offsets = admin.list_group_offsets(world.settings.app_id)[world.settings.app_id]
+    except KafkaError:
+        return {}
+    finally:
+        admin.close()
+    return {tp: meta.offset for tp, meta in offsets.items()}
+
+
+def committed_to_the_end(world: Scenario) -> Callable[[], bool]:
+    """A condition: the live group has committed every source partition up to its end."""
+    ends = end_offsets(world)
+    return lambda: {tp: o for tp, o in committed_offsets(world).items() if tp in ends} == ends
 
 
 def wait_for(what: str, condition: Callable[[], bool], workers: list[subprocess.Popen], seconds: float = DEADLINE_SECONDS) -> None:

@@ -20,8 +20,16 @@ from streamagg.buckets import HOUR_MS, to_datetime
 from streamagg.oracle import exact_rollup
 from streamagg.store import Store
 from streamagg.telemetry import BackfillTelemetry
-from streamagg.topics import source_topics
-from tests.integration.harness import DEADLINE_SECONDS, Scenario, assert_equal_to_oracle, counts_match, wait_for
+from tests.integration.harness import (
+    DEADLINE_SECONDS,
+    Scenario,
+    assert_equal_to_oracle,
+    committed_offsets,
+    committed_to_the_end,
+    counts_match,
+    source_partitions,
+    wait_for,
+)
 from tests.unit.test_aggregate import assert_row_matches
 
 TABLE = "observability.metrics_aggregates"
@@ -61,32 +69,6 @@ def partials(world: Scenario) -> list[tuple]:
     return [tuple(r) for r in sql(world, f"SELECT * FROM {PARTIALS} ORDER BY 1, 2, 3, 4, 5")]
 
 
-def source_partitions(world: Scenario) -> list[TopicPartition]:
-    consumer = KafkaConsumer(bootstrap_servers=world.settings.kafka_bootstrap)
-    try:
-        return [TopicPartition(t, p) for t in source_topics(world.settings) for p in sorted(consumer.partitions_for_topic(t))]
-    finally:
-        consumer.close()
-
-
-def end_offsets(world: Scenario) -> dict[TopicPartition, int]:
-    consumer = KafkaConsumer(bootstrap_servers=world.settings.kafka_bootstrap)
-    try:
-        return {tp: offset for tp, offset in consumer.end_offsets(source_partitions(world)).items() if offset > 0}
-    finally:
-        consumer.close()
-
-
-def committed_offsets(world: Scenario) -> dict[TopicPartition, int]:
-    """The live group's committed offsets (kafka-python 3 names the admin call list_group_offsets)."""
-    admin = KafkaAdminClient(bootstrap_servers=world.settings.kafka_bootstrap)
-    try:
-        offsets = admin.list_group_offsets(world.settings.app_id)[world.settings.app_id]
-    finally:
-        admin.close()
-    return {tp: meta.offset for tp, meta in offsets.items()}
-
-
 def consumer_groups(world: Scenario) -> list:
     admin = KafkaAdminClient(bootstrap_servers=world.settings.kafka_bootstrap)
     try:
@@ -114,9 +96,7 @@ def test_beside_a_live_worker_twice_nothing_changes(scenario: Callable[..., Scen
     oracle = world.oracle()
     run_worker_to_the_oracle(world, oracle)
     worker = world.workers[0]
-    ends = end_offsets(world)
-    wait_for("the live group to commit every offset", lambda: {tp: o for tp, o in committed_offsets(world).items() if tp in ends} == ends,
-             world.workers)  # fmt: skip
+    wait_for("the live group to commit every offset", committed_to_the_end(world), world.workers)
     offsets, groups = committed_offsets(world), consumer_groups(world)
     before, revisions = all_rows(world), world.revisions()
     hour = world.start_ms + HOUR_MS

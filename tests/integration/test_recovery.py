@@ -9,33 +9,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
-
-from streamagg.topics import source_topics
 from tests.conftest import create_database
-from tests.integration.harness import Scenario, assert_equal_to_oracle, counts_match, metric, wait_for
-
-
-def committed_everything(world: Scenario) -> Callable[[], bool]:
-    """True once the group's committed offsets reach the end of every source partition."""
-    bootstrap = world.settings.kafka_bootstrap
-    parts = [TopicPartition(t, p) for t in source_topics(world.settings) for p in range(world.settings.partitions)]
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
-    ends = consumer.end_offsets(parts)
-    consumer.close()
-
-    def check() -> bool:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-        try:
-            committed = admin.list_group_offsets(world.settings.app_id)[world.settings.app_id]
-        except KafkaError:  # the group's coordinator is not there yet
-            return False
-        finally:
-            admin.close()
-        return all(tp in committed and committed[tp].offset >= ends[tp] for tp in parts if ends[tp] > 0)
-
-    return check
+from tests.integration.harness import Scenario, assert_equal_to_oracle, committed_to_the_end, counts_match, metric, wait_for
 
 
 def test_hours_only_in_the_checkpoint_are_flushed_by_the_next_owner(scenario: Callable[..., Scenario]) -> None:
@@ -44,7 +19,7 @@ def test_hours_only_in_the_checkpoint_are_flushed_by_the_next_owner(scenario: Ca
     oracle = world.oracle()
     # The first worker checkpoints and commits, but never flushes.
     first, _ = world.start_worker(extra_env={"STREAMAGG_FLUSH_INTERVAL_SECONDS": "3600", "STREAMAGG_CHECKPOINT_INTERVAL_SECONDS": "1"})
-    wait_for("every offset committed", committed_everything(world), world.workers)
+    wait_for("every offset committed", committed_to_the_end(world), world.workers)
     # Nothing was flushed (unless the minute-5 crontab happened to run): the hours live in the
     # checkpoint table only.
     first.send_signal(signal.SIGKILL)
