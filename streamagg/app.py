@@ -236,6 +236,7 @@ class Runtime:
                 self._failed("connect", exc)
                 return
             items = [item for item in self.pipeline.flushable() if item.items]
+            all_written = True
             for chunk in _chunks(items, FLUSH_KEYS_PER_TRANSACTION):
                 # revoked while this flush ran: the new owner writes them
                 owned = [item for item in chunk if self.pipeline.owns(item.topic, item.partition)]
@@ -245,6 +246,7 @@ class Runtime:
                     for item in owned:
                         self.pipeline.unflush(item)
                     self._failed("flush", exc)
+                    all_written = False
                     continue
                 self.telemetry.rows_written.labels("hour").inc(result.inserted + result.updated)
                 self._inserted_since_analyze += result.inserted
@@ -277,8 +279,9 @@ class Runtime:
                 # Roll-ups take at most about a fifth of the time while a backlog is worked
                 # off: the busier they are, the more touched keys each one batches.
                 self._rollup_interval = max(self._rollup_base, 4 * (self._last_rollup - started))
-            self._failures = 0
-            self.telemetry.last_success.set(time.time())
+            if all_written:  # a failed chunk keeps the backoff growing and is no success
+                self._failures = 0
+                self.telemetry.last_success.set(time.time())
             self.pipeline.evict()
 
     def _failed(self, stage: str, exc: StreamaggError) -> None:
