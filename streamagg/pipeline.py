@@ -123,20 +123,20 @@ class Pipeline:
             kind = self._topic_kinds[topic]
             self._telemetry.events_consumed.labels(topic).inc(len(group))
             valid = []
+            valid_messages = []  # valid[i] came from valid_messages[i]
             for message in group:
                 try:
                     valid.append((message.offset, decode(kind, message.value or b"")))
+                    valid_messages.append(message)
                 except Rejected as exc:
                     dead.append(DeadLetter(message, exc.reason, exc.detail))
             horizon = state.closed_hours_before(self._grace_ms, self._idle_ms)
             late = sum(1 for _, event in valid if event.time_ms // HOUR_MS * HOUR_MS + HOUR_MS <= horizon)
             result = state.ingest(valid, self._max_lateness_ms)
             applied += result.applied
-            by_offset = {m.offset: m for m in group} if result.too_late else {}
             for position in result.too_late:
-                offset, event = valid[position]
-                message = by_offset[offset]
-                dead.append(DeadLetter(message, Reason.TOO_LATE, f"event time {event.time_ms} ms is older than "
+                event = valid[position][1]
+                dead.append(DeadLetter(valid_messages[position], Reason.TOO_LATE, f"event time {event.time_ms} ms is older than "
                                        f"watermark {state.watermark_ms} ms - {self._max_lateness_ms} ms"))  # fmt: skip
             self._telemetry.too_late.inc(len(result.too_late))
             self._telemetry.late_events.inc(max(0, late - len(result.too_late)))
