@@ -386,28 +386,8 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
     return app, runtime
 
 
-class _ExpectedNoise(logging.Filter):
-    """Demotes to INFO two library messages that say something normal in words of alarm: a
-    fresh broker has no group coordinator for its first seconds (aiokafka logs ERROR and
-    retries), and a flush that outlasts its interval while a backlog is worked off (mode logs
-    WARNING; flush latency is in the metrics)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg, args = record.msg, record.args
-        if not isinstance(msg, str) or not isinstance(args, tuple) or not args:
-            return True
-        retried_lookup = msg == "Group Coordinator Request failed: %s" and getattr(args[0], "retriable", False)
-        slow_flush = msg.startswith("Timer %s is overlapping") and args[0] == "flush"
-        if retried_lookup or slow_flush:
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
-        return True
-
-
 def run_worker(settings: Settings, verbose: int = 0) -> None:
     """`streamagg worker`: runs until SIGINT/SIGTERM; raises SystemExit with the exit status."""
-    for name in ("aiokafka.consumer.group_coordinator", "mode.timers"):
-        logging.getLogger(name).addFilter(_ExpectedNoise())
     ensure_topics(settings)
     registry = CollectorRegistry()
     telemetry = Telemetry(registry)

@@ -56,6 +56,29 @@ def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class _ExpectedNoise(logging.Filter):
+    """Demotes to INFO library messages that say something normal in words of alarm: a fresh
+    broker's first seconds (aiokafka logs ERROR for the group coordinator lookup and WARNING
+    for produce requests to partitions whose leader is still starting, and retries both), and
+    a flush that outlasts its interval while a backlog is worked off (mode logs WARNING; flush
+    latency is in the metrics)."""
+
+    LOGGERS = ("aiokafka.consumer.group_coordinator", "aiokafka.producer.sender", "mode.timers")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg, args = record.msg, record.args
+        if not isinstance(msg, str) or not isinstance(args, tuple) or not args:
+            return True
+        retried = msg.startswith(("Group Coordinator Request failed", "Got error produce response")) and getattr(
+            args[-1], "retriable", False
+        )
+        slow_flush = msg.startswith("Timer %s is overlapping") and args[0] == "flush"
+        if retried or slow_flush:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="debug output of streamagg on stderr (-vv: of the libraries too)")
 @click.option("-q", "--quiet", is_flag=True, help="warnings and errors only on stderr")
@@ -74,6 +97,8 @@ def main(verbose: int, quiet: bool) -> None:
     )
     own_level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.getLogger("streamagg").setLevel(own_level)
+    for name in _ExpectedNoise.LOGGERS:
+        logging.getLogger(name).addFilter(_ExpectedNoise())
 
 
 @main.group()
