@@ -23,7 +23,7 @@ from rich.table import Table
 from sketches import Sketch
 from streamagg.settings import Settings
 
-KINDS = ("kll-k200", "kll-k400", "req-hra-k12", "req-hra-k24", "req-hra-k48", "req-hra-k64", "req-hra-k96")
+KINDS = ("kll-k200", "kll-k400", "req-hra-k12", "req-hra-k24", "req-hra-k48", "req-hra-k64", "req-hra-k96", "req-hra-k128")
 BASELINE = "kll-k200"
 RANKS = (0.5, 0.95, 0.99)
 BAR = 0.01

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     max_series_per_dimension: int = Field(
         10000, ge=1, description="distinct values per (hour, metric, dimension type) before __overflow__"
     )
-    sketch_kind: str = Field("req-hra-k96", description="default quantile sketch kind of full metrics")
+    sketch_kind: str = Field("req-hra-k128", description="default quantile sketch kind of full metrics")
     sketch_kinds: dict[str, str] = Field(
         default_factory=dict, description='per-metric sketch kinds, JSON, e.g. {"trace.tokens": "kll-k200"}'
     )

@@ -10,7 +10,7 @@ from sketches import CorruptSketchError, Kind, Sketch, SketchKindError, SketchKi
 from streamagg.settings import Settings
 from streamagg.oracle import percentile_cont
 
-KINDS = ["kll-k200", "kll-k400", "req-hra-k12", "req-hra-k24", "req-hra-k64", "req-hra-k96"]
+KINDS = ["kll-k200", "kll-k400", "req-hra-k12", "req-hra-k24", "req-hra-k64", "req-hra-k96", "req-hra-k128"]
 RANKS = [0.0, 0.01, 0.25, 0.5, 0.95, 0.99, 1.0]
 
 
