@@ -158,17 +158,17 @@ class Sketch:
         self._impl = _impl
 
     # -- writing ---------------------------------------------------------------------------
-    def update_many(self, values: np.ndarray) -> None:
-        """Add a 1-D array of finite values in one vectorised call."""
-        if values.ndim != 1:
+    def update_many(self, values: np.ndarray | Sequence[float]) -> None:
+        """Add finite values in order: a 1-D array, or a sequence of floats."""
+        if isinstance(values, np.ndarray) and values.ndim != 1:
             raise ValueError(f"update_many takes a 1-D array, got shape {values.shape}")
-        if values.size > _SCALAR_LOOP_MAX:
-            self._impl.update(values)
+        if len(values) > _SCALAR_LOOP_MAX:
+            self._impl.update(values if isinstance(values, np.ndarray) else np.array(values, dtype=np.float64))
         else:
             # The array entry point costs ~3 us a call against ~0.16 us a scalar update;
             # most keys (a user's hour) get one or two values a batch.
             update = self._impl.update
-            for value in values.tolist():
+            for value in values.tolist() if isinstance(values, np.ndarray) else values:
                 update(value)
 
     def merge(self, other: Sketch) -> None:

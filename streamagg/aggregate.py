@@ -4,13 +4,15 @@ State is keyed by ``(hour_ms, metric, dimension_type, dimension_value)``; the gl
 has both dimension fields ``None``. Each key holds an :class:`Agg`: count, and for "full"
 metrics the exact sum, min, max, a multiset fingerprint and a quantile sketch.
 
-Ingest is vectorised per (metric, slice): the batch's values are grouped by key with one
-sort, count/min/max/fingerprint come from ``reduceat`` over all groups at once, and each key
-gets one sketch update with its group's values.
+Ingest goes per (metric, slice): a metric's values and their fingerprints are computed once
+for the batch (numpy), the batch's rows are grouped by key with one dict pass, and each key
+gets one update with its group's values (most groups hold one or two values, where plain
+Python beats numpy's per-call cost).
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -69,6 +71,14 @@ class Summary:
     p99: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Values:
+    """A full metric's values in a batch (float64, -0.0 as 0.0) and their fingerprints, by position."""
+
+    floats: list[float]
+    fingerprints: list[int]
+
+
 class Agg:
     """Running statistics of one key. Count metrics use ``count`` only (``sketch`` is None)."""
 
@@ -77,8 +87,8 @@ class Agg:
     def __init__(self, kind: Kind | None) -> None:
         self.count = 0
         self.total: exact.ExactSum = exact.ZERO
-        self.min = float("inf")
-        self.max = float("-inf")
+        self.min = math.inf
+        self.max = -math.inf
         self.fingerprint = 0
         self.sketch = Sketch(kind) if kind is not None else None
 
@@ -86,16 +96,16 @@ class Agg:
     def is_full(self) -> bool:
         return self.sketch is not None
 
-    def add_group(self, count: int, values: list[float], vmin: float, vmax: float, fp: int, array: np.ndarray) -> None:
-        """Fold one batch group in: its count, its values (list and array) and their reductions."""
-        self.count += count
+    def add_group(self, values: list[float], fingerprint: int) -> None:
+        """Fold one batch group in: its values, in order, and the sum of their :func:`exact.fingerprints`."""
+        self.count += len(values)
         if self.sketch is None:
             return
         self.total = exact.add(self.total, values)
-        self.min = min(self.min, vmin)
-        self.max = max(self.max, vmax)
-        self.fingerprint = exact.combine_fingerprints(self.fingerprint, fp)
-        self.sketch.update_many(array)
+        self.min = min(self.min, *values)
+        self.max = max(self.max, *values)
+        self.fingerprint = exact.combine_fingerprints(self.fingerprint, fingerprint)
+        self.sketch.update_many(values)
 
     def merge(self, other: Agg) -> None:
         if (self.sketch is None) != (other.sketch is None):
@@ -280,92 +290,74 @@ class AggregateState:
             by_kind[event.kind].append(event)
         for kind, batch in by_kind.items():
             hours = [event.time_ms // HOUR_MS * HOUR_MS for event in batch]
+            fields = [event.fields for event in batch]
             for metric in METRICS_BY_KIND[kind]:  # type: ignore[index]
-                picked = [i for i, event in enumerate(batch) if metric.select(event.fields)]
+                select = metric.select
+                picked = [i for i, f in enumerate(fields) if select(f)]
                 if picked:
-                    self._ingest_metric(metric, [batch[i].fields for i in picked], [hours[i] for i in picked])
+                    self._ingest_metric(metric, [fields[i] for i in picked], [hours[i] for i in picked])
 
     def _ingest_metric(self, metric: Metric, fields: list[Mapping], hours: list[int]) -> None:
         values = None
         if metric.is_full:
             assert metric.value is not None
-            values = np.array([metric.value(f) for f in fields], dtype=np.float64) + 0.0  # -0.0 -> 0.0
+            array = np.array([metric.value(f) for f in fields], dtype=np.float64) + 0.0  # -0.0 -> 0.0
+            values = _Values(array.tolist(), exact.fingerprints(array).tolist())
         for dimension_type in metric.dimension_types:
             if dimension_type is None:
-                group_keys: list[tuple[int, str | None]] = [(hour, None) for hour in hours]
-                rows = None
+                keys: list[tuple[int, str | None] | None] = [(hour, None) for hour in hours]
             else:
-                rows = [i for i, f in enumerate(fields) if dimension_type in f]
-                if not rows:
-                    continue
-                group_keys = [(hours[i], fields[i][dimension_type]) for i in rows]
-            slice_values = values if rows is None or values is None else values[rows]
-            self._apply_groups(metric, dimension_type, group_keys, slice_values)
+                keys = [(hour, value) if (value := f.get(dimension_type)) is not None else None for hour, f in zip(hours, fields)]
+            self._apply_groups(metric, dimension_type, _positions_by_key(keys), values)
 
     def _apply_groups(
         self,
         metric: Metric,
         dimension_type: str | None,
-        group_keys: list[tuple[int, str | None]],
-        values: np.ndarray | None,
+        groups: dict[tuple[int, str | None], list[int]],
+        values: _Values | None,
     ) -> None:
-        index: dict[tuple[int, str | None], int] = {}
-        ids = np.fromiter((index.setdefault(k, len(index)) for k in group_keys), dtype=np.int64, count=len(group_keys))
-        aggs: list[Agg | None] = []
-        redirected: list[int] = []
-        for g, (hour, value) in enumerate(index):
-            series_value = self._series_value(metric.name, hour, dimension_type, value)
-            agg = self._agg_for(metric, hour, dimension_type, series_value)
-            aggs.append(agg)
-            if series_value != value and agg is not None:
-                redirected.append(g)
-        if redirected:
-            counts = np.bincount(ids, minlength=len(aggs))
-            self.overflow_events[(metric.name, dimension_type)] += int(counts[redirected].sum())
-        if values is None:
-            for agg, count in zip(aggs, np.bincount(ids, minlength=len(aggs)).tolist(), strict=True):
-                if agg is not None:
-                    agg.count += count
-            return
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        sorted_values = values[order]
-        boundaries = np.empty(len(sorted_ids), dtype=bool)
-        boundaries[0] = True
-        np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=boundaries[1:])
-        starts = np.flatnonzero(boundaries)
-        ends = np.append(starts[1:], len(sorted_ids))
-        mins = np.minimum.reduceat(sorted_values, starts).tolist()
-        maxs = np.maximum.reduceat(sorted_values, starts).tolist()
-        fps = np.add.reduceat(exact.fingerprints(sorted_values), starts).tolist()
-        as_list = sorted_values.tolist()
-        group_ids = sorted_ids[starts].tolist()
-        for g, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-            agg = aggs[group_ids[g]]
+        """One update per key, in order of first appearance (the order series count towards the cap)."""
+        redirected = 0
+        for (hour, value), positions in groups.items():
+            agg, overflowed = self._agg_for(metric, hour, dimension_type, value)
             if agg is None:
                 continue
-            agg.add_group(end - start, as_list[start:end], mins[g], maxs[g], fps[g], sorted_values[start:end])
+            if overflowed:
+                redirected += len(positions)
+            if values is None:
+                agg.count += len(positions)
+            else:
+                floats, fingerprints = values.floats, values.fingerprints
+                agg.add_group([floats[p] for p in positions], sum([fingerprints[p] for p in positions]))
+        if redirected:
+            self.overflow_events[(metric.name, dimension_type)] += redirected
 
-    def _series_value(self, metric: str, hour: int, dimension_type: str | None, value: str | None) -> str | None:
-        """The dimension value a series is kept under: its own, or ``__overflow__`` past the cap."""
-        if dimension_type is None or value == OVERFLOW_VALUE or (hour, metric, dimension_type, value) in self._aggs:
-            return value
-        if self._series[(hour, metric, dimension_type)] >= self._max_series:
-            return OVERFLOW_VALUE
-        return value
-
-    def _agg_for(self, metric: Metric, hour: int, dimension_type: str | None, value: str | None) -> Agg | None:
-        key = (hour, metric.name, dimension_type, value)
+    def _agg_for(self, metric: Metric, hour: int, dimension_type: str | None, value: str | None) -> tuple[Agg | None, bool]:
+        """The aggregate of a series, and whether the series went to ``__overflow__`` (past the cap of
+        distinct values); None when ``accept`` refuses the key."""
+        name = metric.name
+        key = (hour, name, dimension_type, value)
         agg = self._aggs.get(key)
+        overflowed = False
+        if (
+            agg is None
+            and dimension_type is not None
+            and value != OVERFLOW_VALUE
+            and self._series[(hour, name, dimension_type)] >= self._max_series
+        ):
+            key = (hour, name, dimension_type, OVERFLOW_VALUE)
+            agg = self._aggs.get(key)
+            overflowed = True
         if self._accept is not None and not self._accept(key):
-            return None
+            return None, overflowed
         if agg is None:
-            if dimension_type is not None and value != OVERFLOW_VALUE:
-                self._series[(hour, metric.name, dimension_type)] += 1
-            agg = self._aggs[key] = Agg(self._kinds[metric.name] if metric.is_full else None)
+            if dimension_type is not None and key[3] != OVERFLOW_VALUE:
+                self._series[(hour, name, dimension_type)] += 1
+            agg = self._aggs[key] = Agg(self._kinds[name] if metric.is_full else None)
             self._by_hour[hour].add(key)
         self._dirty.add(key)
-        return agg
+        return agg, overflowed
 
     # -- state management ------------------------------------------------------------------------
     def take_dirty(self) -> set[Key]:
@@ -409,6 +401,20 @@ class AggregateState:
         """Hour rows of the given keys (all keys when None), sorted by key."""
         chosen = self._aggs.keys() if keys is None else keys
         return [self._aggs[key].to_row(key, "hour") for key in sorted(chosen, key=_sort_key)]
+
+
+def _positions_by_key(keys: list[tuple[int, str | None] | None]) -> dict[tuple[int, str | None], list[int]]:
+    """The positions of each distinct key, keys in order of first appearance (None: not in the slice)."""
+    groups: dict[tuple[int, str | None], list[int]] = {}
+    for position, key in enumerate(keys):
+        if key is None:
+            continue
+        members = groups.get(key)
+        if members is None:
+            groups[key] = [position]
+        else:
+            members.append(position)
+    return groups
 
 
 def _sort_key(key: Key) -> tuple:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from streamagg.buckets import HOUR_MS, bucket_start_ms
 from streamagg.catalogue import METRICS, METRICS_BY_NAME
 from streamagg.errors import StateError
 from streamagg.events import Event, validate
+from streamagg.exact import exact_sum, fingerprints
 from streamagg.settings import Settings
 from streamagg.synth import Synth, SynthConfig
 from streamagg.oracle import Exact, exact_hours, exact_rollup, quantiles
@@ -102,6 +104,49 @@ def test_batching_and_partitioning_do_not_change_rows() -> None:
     for key, row in reference.items():
         other = merged_rows[key]
         assert stats(other) == stats(row), key
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batch_ingest_equals_aggregates_built_value_by_value(seed: int) -> None:
+    """Grouped batch ingest against each key's values from the oracle, folded in one at a time:
+    count, exact sum, min, max, fingerprint and (while exact) the very sketch bytes."""
+    rng = random.Random(seed)
+    events = make_events(hours=3, per_hour=600, seed=seed, users=rng.choice([40, 300]))
+    for event in rng.sample(events, 60):  # -0.0 and integers reach the values too
+        for name in ("duration_ms", "response_time_ms", "total_tokens"):
+            if name in event.fields:
+                event.fields[name] = rng.choice([-0.0, 0, 7, 2**60 + 1])
+    max_series = rng.choice([5, 10_000])
+    state = AggregateState(kinds(), max_series)
+    position = 0
+    while position < len(events):
+        step = rng.choice([1, 2, 17, 250, 2000])
+        state.ingest(events[position : position + step])
+        position += step
+    oracle = exact_hours(events, max_series=max_series)
+    assert set(state.keys()) == set(oracle)
+    for key, expected in oracle.items():
+        agg = state[key]
+        if not METRICS_BY_NAME[key[1]].is_full:
+            assert (agg.count, agg.sketch) == (expected.count, None), key
+            continue
+        values = [value + 0.0 for value in expected.values]
+        reference = Agg(agg.sketch.kind)
+        reference.count = len(values)
+        reference.total = exact_sum(values)
+        reference.min, reference.max = min(values), max(values)
+        reference.fingerprint = int(fingerprints(np.array(values)).sum(dtype=np.uint64))
+        for value in values:
+            reference.sketch.update_many(np.array([value]))
+        # __overflow__ takes its values series by series, not in event order: same items, other order
+        if reference.sketch.is_exact and key[3] != "__overflow__":
+            assert agg.encode() == reference.encode(), key
+        else:
+            assert (agg.count, agg.total, agg.min, agg.max, agg.fingerprint, agg.sketch.n) == (
+                reference.count, reference.total, reference.min, reference.max, reference.fingerprint, reference.sketch.n
+            ), key  # fmt: skip
+            if reference.sketch.is_exact:
+                assert agg.sketch.quantiles(RANKS) == reference.sketch.quantiles(RANKS), key
 
 
 def stats(row: Row) -> tuple:

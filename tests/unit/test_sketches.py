@@ -196,6 +196,17 @@ def test_truncated_real_sketch_is_corrupt() -> None:
             Sketch.deserialize("req-hra-k24", data[:cut])
 
 
+@pytest.mark.parametrize("size", [1, 16, 17, 500])
+def test_update_many_takes_a_list_like_an_array(size: int) -> None:
+    values = np.random.default_rng(size).lognormal(5, 1, size)
+    from_array, from_list = Sketch("req-hra-k24"), Sketch("req-hra-k24")
+    from_array.update_many(values)
+    from_list.update_many(values.tolist())
+    assert from_list.n == size
+    if from_array.is_exact:
+        assert from_list.serialize() == from_array.serialize()
+
+
 def test_update_many_takes_one_dimension() -> None:
     with pytest.raises(ValueError):
         Sketch("kll-k200").update_many(np.zeros((2, 2)))
