@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -137,44 +138,48 @@ def validate(kind: EventKind, obj: object) -> Event:
     """Validate an already parsed JSON value (the generator and tests build objects directly)."""
     if not isinstance(obj, dict):
         raise Rejected(Reason.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
-    schema = SCHEMAS[kind]
+    required, optional, time_field = _VALIDATORS[kind]
+    get = obj.get
     fields: dict[str, Any] = {}
-    for name, ftype in schema.required:
-        value = obj.get(name)
+    for name, check in required:
+        value = get(name)
         if value is None:
             raise Rejected(Reason.MISSING_FIELD, f"{kind} event has no {name!r}")
-        fields[name] = _check(name, ftype, value)
-    for name, ftype in schema.optional:
-        value = obj.get(name)
+        fields[name] = check(name, value)
+    for name, check in optional:
+        value = get(name)
         if value is not None:
-            fields[name] = _check(name, ftype, value)
-    return Event(kind, fields[schema.time_field], fields)
+            fields[name] = check(name, value)
+    return Event(kind, fields[time_field], fields)
 
 
-def _check(name: str, ftype: FieldType, value: object) -> Any:
-    if ftype == "num":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise Rejected(Reason.WRONG_TYPE, f"{name!r} must be a number, got {_json_type(value)}")
-        if not math.isfinite(value) or value < 0:
-            raise Rejected(Reason.INVALID_NUMBER, f"{name!r} must be finite and >= 0, got {value!r}")
+def _number(name: str, value: object) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Rejected(Reason.WRONG_TYPE, f"{name!r} must be a number, got {_json_type(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise Rejected(Reason.INVALID_NUMBER, f"{name!r} must be finite and >= 0, got {value!r}")
+    return value
+
+
+def _identifier(name: str, value: object) -> str:
+    if isinstance(value, str):
         return value
-    if ftype == "dim" or ftype == "id":
-        if isinstance(value, str):
-            text = value
-        elif isinstance(value, int) and not isinstance(value, bool):
-            text = str(value)
-        else:
-            raise Rejected(Reason.WRONG_TYPE, f"{name!r} must be a string or an integer, got {_json_type(value)}")
-        if ftype == "dim" and len(text) > MAX_DIMENSION_LENGTH:
-            raise Rejected(
-                Reason.VALUE_TOO_LONG, f"{name!r} has {len(text)} characters, more than {MAX_DIMENSION_LENGTH}"
-            )
-        return text
-    if ftype == "str":
-        if not isinstance(value, str):
-            raise Rejected(Reason.WRONG_TYPE, f"{name!r} must be a string, got {_json_type(value)}")
-        return value
-    return parse_timestamp(name, value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise Rejected(Reason.WRONG_TYPE, f"{name!r} must be a string or an integer, got {_json_type(value)}")
+
+
+def _dimension(name: str, value: object) -> str:
+    text = _identifier(name, value)
+    if len(text) > MAX_DIMENSION_LENGTH:
+        raise Rejected(Reason.VALUE_TOO_LONG, f"{name!r} has {len(text)} characters, more than {MAX_DIMENSION_LENGTH}")
+    return text
+
+
+def _string(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise Rejected(Reason.WRONG_TYPE, f"{name!r} must be a string, got {_json_type(value)}")
+    return value
 
 
 def parse_timestamp(name: str, value: object) -> int:
@@ -204,3 +209,21 @@ def _json_type(value: object) -> str:
         type(value), type(value).__name__
     )
 
+
+_CHECKS: Final[dict[FieldType, Callable[[str, object], Any]]] = {
+    "id": _identifier,
+    "dim": _dimension,
+    "str": _string,
+    "num": _number,
+    "time": parse_timestamp,
+}
+Checks = tuple[tuple[str, Callable[[str, object], Any]], ...]
+# Per kind: (required field checks, optional field checks, the time field), built once.
+_VALIDATORS: Final[dict[EventKind, tuple[Checks, Checks, str]]] = {
+    kind: (
+        tuple((name, _CHECKS[ftype]) for name, ftype in schema.required),
+        tuple((name, _CHECKS[ftype]) for name, ftype in schema.optional),
+        schema.time_field,
+    )
+    for kind, schema in SCHEMAS.items()
+}
