@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final, Literal
 
+import orjson
+
 from .buckets import to_ms
 from .errors import StreamaggError
 
@@ -25,6 +27,8 @@ MAX_DIMENSION_LENGTH: Final = 256
 # The range of datetime (years 1..9999), which PostgreSQL's timestamptz also covers.
 _MIN_EPOCH_MS: Final = -62_135_596_800_000
 _MAX_EPOCH_MS: Final = 253_402_300_799_999
+# orjson reads integer literals outside [-2**63, 2**64) as floats, all of magnitude >= 2**63.
+_WIDE_INTEGER: Final = 2.0**63
 
 
 class Reason(StrEnum):
@@ -126,12 +130,36 @@ class Event:
 
 def decode(kind: EventKind, raw: bytes | str) -> Event:
     """Parse and validate one message value of topic ``kind``."""
+    return validate(kind, parse_json(raw))
+
+
+def parse_json(raw: bytes | str) -> object:
+    """The JSON value of UTF-8 bytes (or text), exactly as :func:`parse_json_reference` reads it.
+
+    orjson is about three times as fast as :func:`json.loads` and reads what it accepts the same
+    way, but it accepts less: no ``NaN``/``Infinity``, no numbers that overflow a float, no lone
+    surrogate escapes, no nesting deeper than 1024; and it reads integers outside 64 bits as
+    floats. When orjson refuses a value, or returns a top-level value (the only ones validation
+    looks at) that is a float of magnitude 2**63 or more, the value is read again by the
+    reference, whose result or rejection is the outcome.
+    """
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return parse_json_reference(raw)
+    for item in value.values() if type(value) is dict else (value,):
+        if type(item) is float and not -_WIDE_INTEGER < item < _WIDE_INTEGER:
+            return parse_json_reference(raw)
+    return value
+
+
+def parse_json_reference(raw: bytes | str) -> object:
+    """:func:`json.loads` of the value decoded as UTF-8: the definition of what is valid JSON here."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray | memoryview) else raw
-        obj = json.loads(text)
+        return json.loads(text)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise Rejected(Reason.INVALID_JSON, str(exc)) from exc
-    return validate(kind, obj)
 
 
 def validate(kind: EventKind, obj: object) -> Event:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
 
-from streamagg.events import Reason, Rejected, decode, validate
+from streamagg.events import EVENT_KINDS, SCHEMAS, Reason, Rejected, decode, parse_json, parse_json_reference, validate
+from streamagg.synth import Synth
 
 TRACE = {
     "trace_id": "t1",
@@ -129,3 +132,89 @@ def test_reason_set_is_fixed() -> None:
         "value_too_long",
         "too_late",
     }
+
+
+# -- orjson against json.loads ----------------------------------------------------------------
+# What json.loads accepts and orjson does not, or reads otherwise; and plain tricky JSON.
+TRICKY_TOKENS = [
+    "NaN", "-NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1.7976931348623159e308", "4.9e-324", "2.4703282292062328e-324",
+    "18446744073709551615", "18446744073709551616", "-9223372036854775808", "-9223372036854775809", "1" * 25, "-" + "9" * 40,
+    "1e19", "-0", "-0.0", "0e0", "00", "1.", ".5", "1e", "0.1000000000000000055511151231257827", "true", "null",
+    '"\\ud800"', '"\\udc00\\ud800"', '"\\ud83d\\ude00"', '"\\u0000"', '"a\x01b"', '"\x7f"', '"\\x"',
+    '"\xc3\xa9"', "[" * 1100 + "]" * 1100, "[" * 900 + "]" * 900, "{}", "[]", '{"a":1,"a":2}',
+]  # fmt: skip
+NUMBER_SHAPES = ("{i}", "{i}.{f}", "{i}e{e}", "{i}.{f}E{e}", "-{i}.{f}e-{e}")
+
+
+def random_number(rng: random.Random) -> str:
+    def digits(n: int) -> str:
+        return "".join(rng.choice("0123456789") for _ in range(n))
+
+    integer = (str(rng.randrange(1, 10)) + digits(rng.randrange(0, 30))) if rng.random() < 0.9 else "0"
+    shape = rng.choice(NUMBER_SHAPES)
+    return shape.format(i=integer, f=digits(rng.randrange(1, 40)), e=rng.randrange(0, 330))
+
+
+def mutated(rng: random.Random, kind: str, event: dict) -> bytes:
+    """An event's JSON with a few random edits: tricky tokens or random numbers as values,
+    duplicate keys, raw bytes (invalid UTF-8, BOM, control characters), truncation."""
+    text = json.dumps(event, separators=(",", ":"), ensure_ascii=rng.random() < 0.5)
+    for _ in range(rng.randrange(1, 4)):
+        name = rng.choice([*event, "extra"])
+        token = rng.choice(TRICKY_TOKENS) if rng.random() < 0.5 else random_number(rng)
+        text = text[:-1] + f',"{name}":{token}}}' if rng.random() < 0.5 else f'{{"{name}":{token},' + text[1:]
+    raw = text.encode("utf-8", "surrogatepass")
+    edit = rng.randrange(8)
+    if edit == 0:
+        raw = raw[: rng.randrange(len(raw))]
+    elif edit == 1:
+        at = rng.randrange(len(raw))
+        raw = raw[:at] + bytes([rng.randrange(256)]) + raw[at + 1 :]
+    elif edit == 2:
+        raw = rng.choice([b"\xef\xbb\xbf", b" \t\r\n", b"\x0c", b"\x00"]) + raw
+    elif edit == 3:
+        raw = rng.choice(TRICKY_TOKENS).encode("utf-8", "surrogatepass")
+    return raw
+
+
+def outcome(parse: Callable[[bytes | str], object], kind: str, raw: bytes | str) -> tuple:
+    """What decoding ends in: the event (its field values with their types), or the rejection."""
+    try:
+        event = validate(kind, parse(raw))  # type: ignore[arg-type]
+    except Rejected as exc:
+        return ("rejected", exc.reason, exc.detail)
+    except RecursionError:
+        return ("recursion",)
+    return ("event", event.time_ms, [(name, type(value), repr(value)) for name, value in event.fields.items()])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_decode_matches_json_loads_on_random_input(seed: int) -> None:
+    rng = random.Random(seed)
+    for kind, _, event in Synth(seed).events(0, 1, 400):
+        raw = mutated(rng, kind, event)
+        assert outcome(parse_json, kind, raw) == outcome(parse_json_reference, kind, raw), raw
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        assert outcome(parse_json, kind, text) == outcome(parse_json_reference, kind, text), text  # type: ignore[arg-type]
+
+
+def test_numbers_read_exactly_like_json_loads() -> None:
+    """Every number literal orjson accepts is read to the same value and type as by json.loads."""
+    rng = random.Random(1)
+    for _ in range(20_000):
+        raw = random_number(rng).encode()
+        assert repr(parse_json(raw)) == repr(parse_json_reference(raw)), raw
+
+
+@pytest.mark.parametrize("token", TRICKY_TOKENS)
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+def test_tricky_values_decode_like_json_loads(token: str, kind: str) -> None:
+    schema = SCHEMAS[kind]  # type: ignore[index]
+    for name in (*(name for name, _ in schema.required + schema.optional), "extra"):
+        raw = f'{{"{name}":{token}}}'.encode("utf-8", "surrogatepass")
+        assert outcome(parse_json, kind, raw) == outcome(parse_json_reference, kind, raw), raw
+    raw = token.encode("utf-8", "surrogatepass")
+    assert outcome(parse_json, kind, raw) == outcome(parse_json_reference, kind, raw), raw
