@@ -158,6 +158,10 @@ class Sketch:
         self._impl = _impl
 
     # -- writing ---------------------------------------------------------------------------
+    def update(self, value: float) -> None:
+        """Add one finite value."""
+        self._impl.update(value)
+
     def update_many(self, values: np.ndarray | Sequence[float]) -> None:
         """Add finite values in order: a 1-D array, or a sequence of floats."""
         if isinstance(values, np.ndarray) and values.ndim != 1:

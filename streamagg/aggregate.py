@@ -96,6 +96,17 @@ class Agg:
     def is_full(self) -> bool:
         return self.sketch is not None
 
+    def add(self, value: float, fingerprint: int) -> None:
+        """Fold one value in (most keys get one a batch): :meth:`add_group` without its list work."""
+        self.count += 1
+        if self.sketch is None:
+            return
+        self.total = exact.add(self.total, (value,))
+        self.min = min(self.min, value)
+        self.max = max(self.max, value)
+        self.fingerprint = exact.combine_fingerprints(self.fingerprint, fingerprint)
+        self.sketch.update(value)
+
     def add_group(self, values: list[float], fingerprint: int) -> None:
         """Fold one batch group in: its values, in order, and the sum of their :func:`exact.fingerprints`."""
         self.count += len(values)
@@ -327,6 +338,8 @@ class AggregateState:
                 redirected += len(positions)
             if values is None:
                 agg.count += len(positions)
+            elif len(positions) == 1:
+                agg.add(values.floats[positions[0]], values.fingerprints[positions[0]])
             else:
                 floats, fingerprints = values.floats, values.fingerprints
                 agg.add_group([floats[p] for p in positions], sum([fingerprints[p] for p in positions]))
@@ -436,4 +449,3 @@ def roll_up(rows: Iterable[Row], granularity: Granularity) -> list[Row]:
         else:
             merged[key] = agg
     return [merged[key].to_row(key, granularity) for key in sorted(merged, key=_sort_key)]
-
