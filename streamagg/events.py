@@ -160,6 +160,8 @@ def parse_json_reference(raw: bytes | str) -> object:
         return json.loads(text)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise Rejected(Reason.INVALID_JSON, str(exc)) from exc
+    except RecursionError as exc:
+        raise Rejected(Reason.INVALID_JSON, "nested too deeply") from exc
 
 
 def validate(kind: EventKind, obj: object) -> Event:
@@ -184,7 +186,11 @@ def validate(kind: EventKind, obj: object) -> Event:
 def _number(name: str, value: object) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Rejected(Reason.WRONG_TYPE, f"{name!r} must be a number, got {_json_type(value)}")
-    if not math.isfinite(value) or value < 0:
+    try:
+        valid = math.isfinite(value) and value >= 0
+    except OverflowError:  # an integer beyond every float: it could not be aggregated
+        raise Rejected(Reason.INVALID_NUMBER, f"{name!r} is an integer of {len(str(value))} digits, too large") from None
+    if not valid:
         raise Rejected(Reason.INVALID_NUMBER, f"{name!r} must be finite and >= 0, got {value!r}")
     return value
 

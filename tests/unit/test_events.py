@@ -65,6 +65,9 @@ def test_valid_trace_is_normalised() -> None:
         (json.dumps({**TRACE, "started_at": 10**17}), Reason.INVALID_TIMESTAMP),
         (json.dumps({**TRACE, "operation_type": "x" * 257}), Reason.VALUE_TOO_LONG),
         (json.dumps({**TRACE, "user_id": "u" * 257}), Reason.VALUE_TOO_LONG),
+        # These two raised out of decode (OverflowError, RecursionError): a worker crash loop.
+        (json.dumps({**TRACE, "duration_ms": 10**400}), Reason.INVALID_NUMBER),
+        (json.dumps({**TRACE, "extra": [[]]}).replace("[[]]", "[" * 100_000 + "]" * 100_000), Reason.INVALID_JSON),
     ],
 )
 def test_rejection_reasons(raw: bytes | str, reason: Reason) -> None:
