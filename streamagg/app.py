@@ -25,6 +25,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from prometheus_client import CollectorRegistry
 from .aggregate import Key
 from .buckets import DAY_MS, WEEK_MS, bucket_start_ms
 from .errors import StreamaggError
-from .pipeline import DeadLetter, Pipeline, RawMessage, TopicPartition
+from .pipeline import DeadLetter, Flushable, Pipeline, RawMessage, TopicPartition
 from .rollup import rollup, rollup_keys
 from .settings import Settings
 from .state import decode_key
@@ -54,18 +55,20 @@ ANALYZE_MIN_ROWS = 5_000
 RETRY_MAX_SECONDS = 60.0
 
 
-def _chunks(items: list, max_keys: int) -> Iterator[list]:
-    """Consecutive groups of flushables holding about ``max_keys`` keys each."""
-    chunk: list = []
-    size = 0
+def _chunks(items: list[Flushable], max_keys: int) -> Iterator[list[Flushable]]:
+    """The flushables split into groups of about ``max_keys`` keys, with every partition's partial
+    of a key in the same group: a key's final row is then derived once per flush, not once per
+    partition that closed its hour (each time reading and merging the other partitions' partials)."""
+    keys = sorted({key for item in items for key, _ in item.items}, key=repr)
+    chunk_of = {key: i // max_keys for i, key in enumerate(keys)}
+    groups: list[list[Flushable]] = [[] for _ in range(-(-len(keys) // max_keys))]
     for item in items:
-        chunk.append(item)
-        size += len(item.items)
-        if size >= max_keys:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+        parts: dict[int, list] = {}
+        for entry in item.items:
+            parts.setdefault(chunk_of[entry[0]], []).append(entry)
+        for index, entries in parts.items():
+            groups[index].append(replace(item, items=entries))
+    yield from groups
 
 
 SourceBatch = Mapping[TP, list[ConsumerRecord]]

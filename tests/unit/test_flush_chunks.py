@@ -1,0 +1,37 @@
+"""How the worker splits a flush into transactions (streamagg.app._chunks)."""
+
+from __future__ import annotations
+
+import random
+
+from streamagg.aggregate import Agg
+from streamagg.app import _chunks
+from streamagg.pipeline import Flushable
+
+
+def test_every_partitions_partial_of_a_key_lands_in_one_chunk() -> None:
+    rng = random.Random(3)
+    keys = [(3_600_000, "trace.count", "user_id", f"u{i}") for i in range(1000)]
+    items = []
+    for partition in range(8):
+        chosen = rng.sample(keys, 400)
+        items.append(Flushable("t.traces", partition, [(key, Agg(None)) for key in chosen], closed_at_ms=7, offset=100 + partition))
+    chunks = list(_chunks(items, max_keys=150))
+
+    home: dict = {}
+    seen = []
+    for index, chunk in enumerate(chunks):
+        chunk_keys = {key for part in chunk for key, _ in part.items}
+        assert len(chunk_keys) <= 150
+        for part in chunk:
+            original = items[part.partition]
+            assert (part.topic, part.offset, part.closed_at_ms) == (original.topic, original.offset, original.closed_at_ms)
+            for key, agg in part.items:
+                assert home.setdefault(key, index) == index  # one chunk per key
+                seen.append((part.partition, key, id(agg)))
+    expected = [(item.partition, key, id(agg)) for item in items for key, agg in item.items]
+    assert sorted(seen) == sorted(expected)  # nothing lost, nothing twice
+
+
+def test_no_items_no_chunks() -> None:
+    assert list(_chunks([], max_keys=10)) == []
