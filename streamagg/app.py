@@ -492,8 +492,8 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
     datadir = Path(tempfile.mkdtemp(prefix=f"streamagg-faust-{settings.app_id}-"))
     app, runtime = build_app(settings, telemetry, datadir)
     # The state holds hundreds of thousands of long-lived objects; at the collector's default
-    # thresholds full collections scan them every few batches (bench/core: +30% without).
-    gc.freeze()
+    # thresholds full collections scan them every few batches (bench/core: +20%). Not
+    # gc.freeze(): objects frozen with the app would keep every aggregate alive at exit.
     gc.set_threshold(10_000, 10, 100)
     telemetry.watch(runtime.health)
     server, _ = serve(registry, settings.metrics_host, settings.metrics_port)
