@@ -86,7 +86,7 @@ class _BatchConsumer(faust_aiokafka.Consumer):
     async def _drain_messages(self, fetcher: Any) -> None:  # the Fetcher service's loop
         app = self.app
         sources: frozenset[str] = app.batch_topics  # type: ignore[attr-defined]
-        handle: Callable[[SourceBatch, int], Awaitable[None]] = app.batch_handler  # type: ignore[attr-defined]
+        handle: Callable[[SourceBatch, int], Awaitable[SourceBatch]] = app.batch_handler  # type: ignore[attr-defined]
         callback = self.callback
         try:
             while not (self._stopped.is_set() or fetcher._stopped.is_set()):
@@ -111,7 +111,7 @@ class _BatchConsumer(faust_aiokafka.Consumer):
                     for record in tp_records:  # changelog records, for table recovery
                         await self.wait_first(callback(self._to_message(tp, record)), self.suspend_flow.wait())
                 if batch:
-                    await handle(batch, generation)
+                    await self._put_back(await handle(batch, generation))
         except self.consumer_stopped_errors:
             if not app.should_stop:
                 raise
@@ -125,7 +125,8 @@ class _BatchConsumer(faust_aiokafka.Consumer):
         """Seek still-assigned partitions back to the first of these records, which are not
         processed now. Faust drops them and seeks to the committed offsets, but aiokafka leaves
         a partition without a committed offset at its fetch position: past the dropped records,
-        for good (seen with two workers starting together)."""
+        for good (seen with two workers starting together). A seek that lands past what a
+        partition's state expects is caught by ``PartitionState.admit`` like any gap."""
         assigned = self.assignment()
         for tp, tp_records in records.items():
             if tp in assigned and tp_records:
@@ -139,7 +140,7 @@ class _Transport(faust_aiokafka.Transport):
 
 class _App(faust.App):
     batch_topics: frozenset[str] = frozenset()
-    batch_handler: Callable[[SourceBatch, int], Awaitable[None]]
+    batch_handler: Callable[[SourceBatch, int], Awaitable[SourceBatch]]  # returns what it did not take
 
     def _new_transport(self) -> _Transport:
         return _Transport(self.conf.broker_consumer, self)
@@ -194,18 +195,25 @@ class Runtime:
         self._recovered = index
         log.info("table recovered: %d partitions, %d records", len(index), sum(map(len, index.values())))
 
-    def on_recovered(self) -> None:
+    async def on_recovered(self) -> None:
         """After every rebalance: rebuild the owned partitions from the recovered table."""
         self._index_table()
         assert self._recovered is not None
         sources = set(source_topics(self.settings))
-        self._ready = {tp for tp in self.app.consumer.assignment() if tp.topic in sources}
-        # Rebuild every owned partition that has checkpoints now, not on its next event: a
-        # partition whose events were all consumed and committed by a worker that died before
-        # flushing them gets no next event, and its hours would never be written.
-        for tp in sorted(self._ready):
-            if (tp.topic, tp.partition) in self._recovered:
-                self.pipeline.state_for(tp.topic, tp.partition)
+        consumer = self.app.consumer
+        ready = {tp for tp in consumer.assignment() if tp.topic in sources}
+        # A partition without checkpoints must be read from the log's first offset: tell its
+        # state, so that a consumer starting it further on is sent back (PartitionState.admit).
+        fresh = sorted(tp for tp in ready if (tp.topic, tp.partition) not in self._recovered)
+        starts = await consumer.earliest_offsets(*fresh) if fresh else {}
+        # Rebuild every owned partition now, not on its next event: a partition whose events
+        # were all consumed and committed by a worker that died before flushing them gets no
+        # next event, and its hours would never be written.
+        for tp in sorted(ready):
+            state = self.pipeline.state_for(tp.topic, tp.partition)
+            if tp in starts:
+                state.expect(starts[tp])
+        self._ready = ready
 
     def _restore(self, topic: str, partition: int) -> list[tuple[Key | None, bytes]]:
         if self._recovered is None:
@@ -234,13 +242,15 @@ class Runtime:
         return self.pipeline.health(ends)
 
     # -- consuming ---------------------------------------------------------------------------
-    async def consume(self, batch: SourceBatch, generation: int) -> None:
-        """One fetch of source records; a failure stops the worker (a restart replays it)."""
+    async def consume(self, batch: SourceBatch, generation: int) -> SourceBatch:
+        """One fetch of source records; returns the records it did not take, to be read again.
+        A failure stops the worker (a restart replays the batch)."""
         try:
-            await self.process(batch, generation)
+            return await self.process(batch, generation)
         except Exception:  # a bug must not silently skip a batch
             self._stop_on_bug("processing a batch")
             await asyncio.Event().wait()  # no further batch: wait for the shutdown
+            raise
 
     def _stop_on_bug(self, what: str) -> None:
         self.telemetry.errors.labels("process").inc()
@@ -248,14 +258,12 @@ class Runtime:
         self.failed = True
         os.kill(os.getpid(), signal.SIGTERM)
 
-    async def process(self, batch: SourceBatch, generation: int) -> None:
+    async def process(self, batch: SourceBatch, generation: int) -> SourceBatch:
         # Only records of partitions whose table recovery completed in the current consumer
         # generation: a record fetched before a rebalance, folded into a state rebuilt
-        # meanwhile, would break offset order. Dropped records are fetched again from the
-        # committed offset.
+        # meanwhile, would break offset order. The others are returned, to be read again.
         if generation != self.app.consumer_generation_id:
-            log.debug("dropped a fetch of generation %d", generation)
-            return
+            return batch
         ready = self._ready
         messages = [
             RawMessage(r.topic, r.partition, r.offset, r.value)
@@ -263,6 +271,7 @@ class Runtime:
             if tp in ready
             for r in records
         ]
+        untaken = {tp: records for tp, records in batch.items() if tp not in ready}
         processed = self.pipeline.process(messages)
         for letter in processed.dead:
             await self._dead_letter(letter)
@@ -270,6 +279,7 @@ class Runtime:
             self.telemetry.errors.labels("skipped_offset").inc()
             await self.app.consumer.seek(TP(topic, partition), offset)
         await self.checkpoint_if_due()
+        return untaken
 
     async def _dead_letter(self, letter: DeadLetter) -> None:
         # Buffered send; the next checkpoint awaits its delivery before the source offset is
@@ -465,7 +475,7 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
     @runtime.table.on_recover
     async def recovered() -> None:
         try:
-            runtime.on_recovered()
+            await runtime.on_recovered()
         except Exception:  # Faust swallows a failed recovery callback
             runtime._stop_on_bug("rebuilding the state after a rebalance")
 

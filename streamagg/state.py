@@ -195,6 +195,12 @@ class PartitionState:
         self._hole = None
         return True
 
+    def expect(self, offset: int) -> None:
+        """A partition without checkpoints starts at ``offset`` (the log's first): a consumer
+        that starts it further on is sent back, like any gap."""
+        if self.offset < 0 and self.position is None:
+            self.position = offset
+
     def advance(self, offset: int) -> None:
         """Every message up to ``offset`` is handled (aggregated, skipped or dead-lettered)."""
         self.offset = max(self.offset, offset)

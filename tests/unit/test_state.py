@@ -168,6 +168,17 @@ def test_admit_after_restore_replays_from_the_committed_offset_but_not_past_a_ga
     assert restored.admit([105]).seek == 100  # a prefetched message from beyond: read from 100
 
 
+def test_a_fresh_partition_told_where_the_log_starts_reads_from_there() -> None:
+    state = new_state()
+    state.expect(3)
+    assert state.admit([7, 8]).seek == 3  # offsets 3..6 were skipped by the consumer
+    assert state.admit([3, 4]).taken == [0, 1]
+    restored = new_state()
+    restored.offset = 99
+    restored.expect(0)  # a restored partition goes by its checkpoint, not by the log start
+    assert restored.admit([100]).taken == [0]
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_repeated_crashes_mid_checkpoint_and_mid_replay(seed: int) -> None:
     """Several incarnations in a row, each restored from the changelog and resumed at the
