@@ -60,8 +60,8 @@ class _ExpectedNoise(logging.Filter):
     """Demotes to INFO library messages that say something normal in words of alarm: a fresh
     broker's first seconds (aiokafka logs ERROR for the group coordinator lookup and WARNING
     for produce requests to partitions whose leader is still starting, and retries both), and
-    a flush that outlasts its interval while a backlog is worked off (mode logs WARNING; flush
-    latency is in the metrics)."""
+    a flush or checkpoint timer that outlasts its interval while a backlog is worked off (mode
+    logs WARNING; flush latency is in the metrics)."""
 
     LOGGERS = ("aiokafka.consumer.group_coordinator", "aiokafka.producer.sender", "mode.timers")
 
@@ -72,8 +72,8 @@ class _ExpectedNoise(logging.Filter):
         retried = msg.startswith(("Group Coordinator Request failed", "Got error produce response")) and getattr(
             args[-1], "retriable", False
         )
-        slow_flush = msg.startswith("Timer %s is overlapping") and args[0] == "flush"
-        if retried or slow_flush:
+        slow_timer = msg.startswith("Timer %s is overlapping") and args[0] in ("flush", "checkpoint")
+        if retried or slow_timer:
             record.levelno, record.levelname = logging.INFO, "INFO"
             return logging.getLogger(record.name).isEnabledFor(logging.INFO)
         return True
