@@ -25,7 +25,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC
 from pathlib import Path
@@ -56,11 +56,11 @@ ANALYZE_MIN_ROWS = 5_000
 RETRY_MAX_SECONDS = 60.0
 
 
-def _chunks(items: list[Flushable], max_keys: int) -> Iterator[list[Flushable]]:
-    """The flushables split into groups of about ``max_keys`` keys, with every partition's partial
+def _chunks(items: list[Flushable], max_keys: int) -> list[list[Flushable]]:
+    """The flushables split into groups of at most ``max_keys`` keys, with every partition's partial
     of a key in the same group: a key's final row is then derived once per flush, not once per
     partition that closed its hour (each time reading and merging the other partitions' partials)."""
-    keys = sorted({key for item in items for key, _ in item.items}, key=repr)
+    keys = dict.fromkeys(key for item in items for key, _ in item.items)  # in first-seen order
     chunk_of = {key: i // max_keys for i, key in enumerate(keys)}
     groups: list[list[Flushable]] = [[] for _ in range(-(-len(keys) // max_keys))]
     for item in items:
@@ -69,7 +69,7 @@ def _chunks(items: list[Flushable], max_keys: int) -> Iterator[list[Flushable]]:
             parts.setdefault(chunk_of[entry[0]], []).append(entry)
         for index, entries in parts.items():
             groups[index].append(replace(item, items=entries))
-    yield from groups
+    return groups
 
 
 SourceBatch = Mapping[TP, list[ConsumerRecord]]

@@ -274,7 +274,7 @@ class PartitionState:
         """Changed keys of closed hours, to write to the database; they are marked clean."""
         horizon = self.closed_hours_before(grace_ms, idle_ms)
         ready = [key for hour in [h for h in self._flush_dirty if h + HOUR_MS <= horizon] for key in self._flush_dirty.pop(hour)]
-        return [(key, self.aggregates[key]) for key in sorted(ready, key=repr) if key in self.aggregates]
+        return [(key, self.aggregates[key]) for key in ready if key in self.aggregates]  # the store orders its writes
 
     def unflush(self, keys: Iterable[Key]) -> None:
         """A database write failed: these keys must be written again."""
