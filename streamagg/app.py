@@ -95,15 +95,14 @@ class _BatchConsumer(faust_aiokafka.Consumer):
                 if not records or self.should_stop:
                     continue
                 if not self.flow_active:  # the fetch raced a rebalance
-                    await self._put_back({tp: r for tp, r in records.items() if tp.topic in sources})
+                    await self._put_back(records)
                     await self.perform_seek()  # as Consumer.getmany
                     continue
                 generation = app.consumer_generation_id
                 batch: dict[TP, list[ConsumerRecord]] = {}
                 for tp, tp_records in records.items():
                     if active is not None and tp not in active and tp not in self._buffered_partitions:
-                        if tp.topic in sources:
-                            await self._put_back({tp: tp_records})
+                        await self._put_back({tp: tp_records})
                         continue
                     if tp.topic in sources:
                         batch[tp] = tp_records
@@ -120,16 +119,16 @@ class _BatchConsumer(faust_aiokafka.Consumer):
             if not app.should_stop:
                 raise
 
-
     async def _put_back(self, records: SourceBatch) -> None:
-        """Seek still-assigned partitions back to the first of these records, which are not
-        processed now. Faust drops them and seeks to the committed offsets, but aiokafka leaves
+        """Seek still-assigned source partitions back to the first of these records, which are not
+        processed now (changelog records are Faust's). Faust drops them and seeks to the committed offsets, but aiokafka leaves
         a partition without a committed offset at its fetch position: past the dropped records,
         for good (seen with two workers starting together). A seek that lands past what a
         partition's state expects is caught by ``PartitionState.admit`` like any gap."""
         assigned = self.assignment()
+        sources: frozenset[str] = self.app.batch_topics  # type: ignore[attr-defined]
         for tp, tp_records in records.items():
-            if tp in assigned and tp_records:
+            if tp in assigned and tp.topic in sources and tp_records:
                 log.info("%s: %d records fetched during a rebalance are read again", tp, len(tp_records))
                 await self.seek(tp, tp_records[0].offset)
 
