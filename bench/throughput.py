@@ -2,8 +2,8 @@
 
 Pre-fills fresh topics with N generated events, then measures
   (a) baseline: a plain aiokafka consumer that only reads and JSON-decodes every record;
-  (b) streamagg: one `streamagg worker` process, from its first read to the last hour row
-      committed in PostgreSQL (rows compared with the exact counts of the same events).
+  (b) streamagg: one `streamagg worker` process, from its first read to the last hour, day and
+      week row committed in PostgreSQL (rows compared with the exact counts of the same events).
 Prints both rates and the ratio. Uses the configured Kafka/PostgreSQL, else the local stack.
 
     .venv/bin/python -m bench.throughput [--events 200000] [--hours 4]
@@ -29,7 +29,7 @@ from streamagg.buckets import HOUR_MS, bucket_start_ms
 from streamagg.demo import env_without_settings, fresh_database, resolve_target, wait_for_rows, worker_env
 from streamagg.events import validate
 from streamagg.generate import generate
-from streamagg.oracle import exact_hours
+from streamagg.oracle import exact_hours, exact_rollup
 from streamagg.settings import Settings, load_settings
 from streamagg.stack import free_port
 from streamagg.synth import Synth
@@ -72,7 +72,7 @@ def metrics(port: int, *names: str) -> list[float]:
 
 def worker_end_to_end(settings: Settings, expected: dict, err: Console, profile: str | None = None) -> float:
     """Seconds for one `streamagg worker` process from its first read to the last of the
-    ``expected`` hour rows committed (stopped with SIGTERM afterwards)."""
+    ``expected`` hour, day and week rows committed (stopped with SIGTERM afterwards)."""
     runner = [sys.executable, "-m", "pyinstrument", "-o", profile] if profile else [sys.executable]
     worker = subprocess.Popen([*runner, "-m", "streamagg", "--quiet", "worker"],
                               env={**env_without_settings(), **worker_env(settings)}, stdin=subprocess.DEVNULL)  # fmt: skip
@@ -89,7 +89,7 @@ def worker_end_to_end(settings: Settings, expected: dict, err: Console, profile:
                 raise SystemExit(f"worker exited with {worker.returncode}")
             else:
                 time.sleep(0.05)
-        with err.status("waiting for every hour row") as status:
+        with err.status("waiting for every hour, day and week row") as status:
             asyncio.run(wait_for_rows(settings, expected, worker, 900, status))
         return time.perf_counter() - first_read
     finally:
@@ -100,7 +100,7 @@ def worker_end_to_end(settings: Settings, expected: dict, err: Console, profile:
 def prefilled(name: str, events: int, hours: int, seed: int, err: Console) -> tuple[Settings, int, dict]:
     """Fresh topics (8 partitions) holding ``events`` generated events over ``hours`` hours ending
     an hour ago, a fresh database, and settings for a fast-closing worker; returns the settings,
-    the first hour and the exact count of every hour row."""
+    the first hour and the exact count of every hour, day and week row."""
     settings = resolve_target(load_settings(), err)
     run = uuid.uuid4().hex[:8]
     database = asyncio.run(fresh_database(settings, f"streamagg_{name}_{run}"))
@@ -114,7 +114,11 @@ def prefilled(name: str, events: int, hours: int, seed: int, err: Console) -> tu
     err.print(f"pre-filling {per_hour * hours:,} events into {settings.topic_prefix}* ...")
     asyncio.run(generate(settings, hours, per_hour, seed, start))
     decoded = [validate(k, e) for k, _, e in Synth(seed).events(start, hours, per_hour)]
-    return settings, start, {key: exact.count for key, exact in exact_hours(decoded).items()}
+    hours_exact = exact_hours(decoded)
+    expected = {"hour": {key: exact.count for key, exact in hours_exact.items()}}
+    for granularity in ("day", "week"):
+        expected[granularity] = {key: rolled.count for key, (rolled, _) in exact_rollup(hours_exact, granularity).items()}
+    return settings, start, expected
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     worker_rate = total / worker_seconds
     print(f"events                      {total:>12,}")
     print(f"plain consumer (baseline)   {baseline_rate:>12,.0f} events/s  ({baseline_seconds:.2f} s)")
-    print(f"streamagg worker, e2e       {worker_rate:>12,.0f} events/s  ({worker_seconds:.2f} s, first read -> last row committed)")
+    print(f"streamagg worker, e2e       {worker_rate:>12,.0f} events/s  ({worker_seconds:.2f} s, first read -> last hour/day/week row committed)")
     print(f"ratio worker / baseline     {worker_rate / baseline_rate:>12.2f}")
     print(f"target                      >= 50,000 events/s and >= 0.50 of the baseline: "
           f"{'met' if worker_rate >= 50_000 and worker_rate >= baseline_rate / 2 else 'NOT met'}")  # fmt: skip

@@ -25,7 +25,8 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from .buckets import HOUR_MS, bucket_start_ms, to_datetime
+from .aggregate import Key
+from .buckets import HOUR_MS, Granularity, bucket_start_ms, to_datetime
 from .dashboard import Accuracy, accuracy, dashboard
 from .errors import StreamaggError
 from .events import validate
@@ -87,7 +88,7 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console, err: Console)
     )
     try:
         with err.status("waiting for the hours to be flushed and rolled up") as status:
-            asyncio.run(wait_for_rows(settings, expected, worker, plan.timeout_seconds, status))
+            asyncio.run(wait_for_rows(settings, {"hour": expected}, worker, plan.timeout_seconds, status))
         elapsed = time.monotonic() - started
     finally:
         if worker.poll() is None:
@@ -168,25 +169,31 @@ def env_without_settings() -> dict[str, str]:
 
 
 async def wait_for_rows(
-    settings: Settings, expected: dict, worker: subprocess.Popen, timeout: float, status: object
+    settings: Settings, expected: dict[Granularity, dict[Key, int]], worker: subprocess.Popen, timeout: float,
+    status: object,
 ) -> None:
+    """Until every expected row (by granularity, key: count) is stored with its count."""
     deadline = time.monotonic() + timeout
-    hours = sorted({key[0] for key in expected})
+    total = sum(map(len, expected.values()))
+    what = "hours to be flushed" if set(expected) == {"hour"} else "hours to be flushed and rolled up"
     async with await Store.open(settings.database_url.get_secret_value(), settings.redacted_dsn()) as store:
         while True:
             if worker.poll() is not None:
                 raise DemoFailed(f"the worker exited with status {worker.returncode}")
-            try:
-                rows = await store.fetch_rows("hour", hours[0], hours[-1] + HOUR_MS)
-            except StreamaggError:
-                rows = []  # the worker has not created the schema yet
-            got = {row.key: row.count for row in rows}
-            done = sum(1 for key, count in expected.items() if got.get(key) == count)
-            status.update(f"waiting for the hours to be flushed: {done:,}/{len(expected):,} rows final")  # type: ignore[attr-defined]
-            if got == expected:
+            done = 0
+            for granularity, wanted in expected.items():
+                buckets = sorted({key[0] for key in wanted})
+                try:
+                    rows = await store.fetch_rows(granularity, buckets[0], buckets[-1] + 1)
+                except StreamaggError:
+                    rows = []  # the worker has not created the schema yet
+                got = {row.key: row.count for row in rows}
+                done += sum(1 for key, count in wanted.items() if got.get(key) == count)
+            status.update(f"waiting for the {what}: {done:,}/{total:,} rows final")  # type: ignore[attr-defined]
+            if done == total:
                 return
             if time.monotonic() > deadline:
-                raise DemoFailed(f"only {done:,} of {len(expected):,} hour rows were final after {timeout:.0f} s")
+                raise DemoFailed(f"only {done:,} of {total:,} rows were final after {timeout:.0f} s")
             await asyncio.sleep(0.5)
 
 
