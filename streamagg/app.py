@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 TABLE_NAME = "partials"
 FLUSH_KEYS_PER_TRANSACTION = 5_000
+ROLLUP_MAX_PENDING_KEYS = 200_000  # flushed hour keys whose days and weeks wait for a roll-up
 ANALYZE_MIN_ROWS = 5_000
 RETRY_MAX_SECONDS = 60.0
 MAX_BATCH_RECORDS = 5_000  # records per processed fetch: ~0.1 s of the event loop
@@ -174,13 +175,12 @@ class Runtime:
         self._checkpoint_lock = asyncio.Lock()
         self._ready: set[TP] = set()  # source partitions recovered in this generation
         # Day and week roll-ups of flushed keys are batched: a key's hour is flushed once per
-        # partition that saw it, its day and week once per roll-up interval.
+        # partition that saw it, its day and week once per roll-up (see _rollup_due).
         self._to_roll_up: set[Key] = set()
-        self._last_rollup = 0.0
+        self._last_rollup = time.monotonic()
+        self._rollup_interval = settings.rollup_interval_seconds or max(5.0, 5 * settings.flush_interval_seconds)
         self._inserted_since_analyze = 0  # final rows, since the planner's statistics were refreshed
         self._inserted_at_analyze = 0
-        self._rollup_base = max(5.0, 5 * settings.flush_interval_seconds)
-        self._rollup_interval = self._rollup_base
         self.failed = False  # set when the worker stops because of an internal error
 
     # -- recovery ----------------------------------------------------------------------------
@@ -375,25 +375,41 @@ class Runtime:
                     return
                 self._inserted_at_analyze += self._inserted_since_analyze
                 self._inserted_since_analyze = 0
-            if self._to_roll_up and time.monotonic() - self._last_rollup >= self._rollup_interval:
-                touched, self._to_roll_up = self._to_roll_up, set()
-                started = time.monotonic()
+            if self._rollup_due(backlog=sum(len(item.items) for item in items) >= FLUSH_KEYS_PER_TRANSACTION):
                 try:
-                    for granularity in ("day", "week"):
-                        result = await rollup_keys(store, granularity, touched)
-                        self.telemetry.rows_written.labels(granularity).inc(result.inserted + result.updated)
+                    await self._roll_up(store)
                 except StoreError as exc:
-                    self._to_roll_up |= touched
                     self._failed("rollup", exc)
                     return
-                self._last_rollup = time.monotonic()
-                # Roll-ups take at most about a fifth of the time while a backlog is worked
-                # off: the busier they are, the more touched keys each one batches.
-                self._rollup_interval = max(self._rollup_base, 4 * (self._last_rollup - started))
             if all_written:  # a failed chunk keeps the backoff growing and is no success
                 self._failures = 0
                 self.telemetry.last_success.set(time.time())
             self.pipeline.evict()
+
+    async def _roll_up(self, store: Store) -> None:
+        """Roll up the days and weeks of the flushed hour keys; on failure they stay pending."""
+        touched, self._to_roll_up = self._to_roll_up, set()
+        try:
+            for granularity in ("day", "week"):
+                result = await rollup_keys(store, granularity, touched)
+                self.telemetry.rows_written.labels(granularity).inc(result.inserted + result.updated)
+        except BaseException:
+            self._to_roll_up |= touched
+            raise
+        self._last_rollup = time.monotonic()
+
+    def _rollup_due(self, backlog: bool) -> bool:
+        """Whether the touched keys' days and weeks are rolled up now.
+
+        While a backlog of closed hours is worked off (this flush wrote at least a full
+        transaction), hours go first and roll-ups wait, so each day and week is merged once
+        rather than once per flush, up to ROLLUP_MAX_PENDING_KEYS touched keys (memory).
+        Otherwise at most once per roll-up interval, which batches a trickle of late events."""
+        if not self._to_roll_up:
+            return False
+        if len(self._to_roll_up) >= ROLLUP_MAX_PENDING_KEYS:
+            return True
+        return not backlog and time.monotonic() - self._last_rollup >= self._rollup_interval
 
     def _failed(self, stage: str, exc: StreamaggError) -> None:
         self._failures += 1
@@ -412,10 +428,20 @@ class Runtime:
             await rollup(store, "week", week - WEEK_MS, week)
 
     async def close(self) -> None:
+        """At a clean stop: roll up what is pending (nothing else would until the next day's
+        scheduled roll-up), then close the database pool."""
         async with self._flush_lock:  # let a running flush finish first
-            if self._store is not None:
-                await self._store.close()
-                self._store = None
+            if self._store is None:
+                return
+            if self._to_roll_up:
+                log.info("rolling up the days and weeks of %d flushed hour keys before stopping", len(self._to_roll_up))
+                try:
+                    await self._roll_up(self._store)
+                except StoreError as exc:
+                    self.telemetry.errors.labels("rollup").inc()
+                    log.warning("roll-up at stop failed; the 01:00 schedule or `streamagg rollup` redoes it: %s", exc)
+            await self._store.close()
+            self._store = None
 
 
 def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[faust.App, Runtime]:

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     checkpoint_interval_seconds: float = Field(
         10.0, gt=0, description="how often changed aggregates are checkpointed to the table and offsets committed"
     )
+    rollup_interval_seconds: float | None = Field(
+        None, gt=0, description="how often the days and weeks of flushed hours are rolled up while no backlog "
+        "is worked off; default 5 x the flush interval, at least 5 s",
+    )
     metrics_host: str = Field("127.0.0.1", description="Prometheus /metrics host")
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port")
     max_series_per_dimension: int = Field(

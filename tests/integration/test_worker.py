@@ -103,6 +103,23 @@ def test_bad_and_late_events(scenario: Callable[..., Scenario]) -> None:
     assert json.loads(by_reason["too_late"].value)["trace_id"] == "late-2"
 
 
+def test_a_clean_stop_rolls_up_what_is_pending(scenario: Callable[..., Scenario]) -> None:
+    world = scenario(hours=2, per_hour=400, seed=15, STREAMAGG_ROLLUP_INTERVAL_SECONDS="3600")
+    world.produce()
+    oracle = world.oracle()
+    worker, _ = world.start_worker()
+    wait_for("hour rows", counts_match(world, oracle), world.workers)
+    assert not world.rows("day") and not world.rows("week")  # roll-ups wait for their interval
+    world.stop_all()
+    assert worker.returncode == 0
+    for granularity in ("day", "week"):
+        expected = exact_rollup(oracle, granularity)
+        rows = world.rows(granularity)
+        assert set(rows) == set(expected)
+        for key, (exact, hour_sums) in expected.items():
+            assert_row_matches(rows[key], exact, expected_sum=hour_sums)
+
+
 def test_sigkill_mid_stream_then_restart(scenario: Callable[..., Scenario]) -> None:
     world = scenario(hours=3, per_hour=20_000, seed=13)
     world.produce()
