@@ -29,7 +29,11 @@ def _settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         overrides = {name: kwargs.pop(name) for name in names}
-        return func(*args, settings=load_settings(overrides), **kwargs)
+        try:
+            settings = load_settings(overrides)
+        except StreamaggError as exc:  # one line, like the command's own errors (_fail_cleanly)
+            raise click.ClickException(str(exc)) from exc
+        return func(*args, settings=settings, **kwargs)
 
     for name in reversed(names):
         field = Settings.model_fields[name]

@@ -91,5 +91,6 @@ def test_bad_settings_fail_at_start(name: str, value: str, message: str) -> None
     env = {**os.environ, name: value}
     proc = subprocess.run([*STREAMAGG, "stack", "status"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
-    assert message in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], proc.stderr
     assert "hunter2" not in proc.stderr
