@@ -158,6 +158,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
     out = {}
     for name, value in settings.model_dump().items():
+        if value is None:  # unset: the worker's default
+            continue
         if name == "database_url":
             value = settings.database_url.get_secret_value()
         out[f"STREAMAGG_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
