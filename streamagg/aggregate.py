@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import struct
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,20 +174,38 @@ class Agg:
     @classmethod
     def from_row(cls, row: Row) -> Agg:
         """An aggregate equivalent to a stored row (for roll-ups and range queries)."""
-        if row.sketch is None or row.sketch_kind is None:
+        return cls.from_stored(
+            row.count, row.sum_value, row.min_value, row.max_value, row.sketch, row.sketch_kind, row.fingerprint, row.key
+        )
+
+    @classmethod
+    def from_stored(
+        cls,
+        count: int,
+        sum_value: float | None,
+        min_value: float | None,
+        max_value: float | None,
+        sketch: bytes | None,
+        sketch_kind: str | None,
+        fingerprint: int | None,
+        key: Key | None = None,
+    ) -> Agg:
+        """An aggregate from stored columns (a count aggregate when there is no sketch); ``key``
+        names the row in the error about an unreadable sketch."""
+        if sketch is None or sketch_kind is None:
             agg = cls(None)
-            agg.count = row.count
+            agg.count = count
             return agg
         agg = cls.__new__(cls)
-        agg.count = row.count
-        agg.total = exact.exact_sum([row.sum_value or 0.0])
-        agg.min = row.min_value if row.min_value is not None else float("inf")
-        agg.max = row.max_value if row.max_value is not None else float("-inf")
-        agg.fingerprint = row.fingerprint or 0
+        agg.count = count
+        agg.total = exact.exact_sum([sum_value or 0.0])
+        agg.min = min_value if min_value is not None else float("inf")
+        agg.max = max_value if max_value is not None else float("-inf")
+        agg.fingerprint = fingerprint or 0
         try:
-            agg.sketch = Sketch.deserialize(row.sketch_kind, row.sketch)
+            agg.sketch = Sketch.deserialize(sketch_kind, sketch)
         except SketchError as exc:
-            raise StateError(f"row {row.key} has an unreadable sketch: {exc}") from exc
+            raise StateError(f"row {key} has an unreadable sketch: {exc}") from exc
         return agg
 
     # -- checkpoint bytes ----------------------------------------------------------------------
@@ -440,12 +458,22 @@ def roll_up(rows: Iterable[Row], granularity: Granularity) -> list[Row]:
 
     Rows of different sketch kinds for one key raise :class:`StateError`; they never merge.
     """
-    merged: dict[Key, Agg] = {}
-    for row in rows:
-        key = (bucket_start_ms(row.bucket_ms, granularity), row.metric_name, row.dimension_type, row.dimension_value)
-        agg = Agg.from_row(row)
-        if key in merged:
-            merged[key].merge(agg)
-        else:
-            merged[key] = agg
+    hours = sorted(((row.key, Agg.from_row(row)) for row in rows), key=lambda hour: _sort_key(hour[0]))
+    merged = roll_up_aggs(hours, granularity)
     return [merged[key].to_row(key, granularity) for key in sorted(merged, key=_sort_key)]
+
+
+def roll_up_aggs(hours: Sequence[tuple[Key, Agg]], granularity: Granularity, keep: Container[Key] | None = None) -> dict[Key, Agg]:
+    """The ``granularity`` aggregates of (key, aggregate) pairs given in time order: each one
+    merged, in that order, into a fresh aggregate of its bucket, so the inputs are left as they
+    were and every caller merges the same way. ``keep``: only these buckets' keys."""
+    merged: dict[Key, Agg] = {}
+    for (bucket, metric, dimension_type, dimension_value), agg in hours:
+        key = (bucket_start_ms(bucket, granularity), metric, dimension_type, dimension_value)
+        if keep is not None and key not in keep:
+            continue
+        target = merged.get(key)
+        if target is None:
+            target = merged[key] = agg.empty_like()
+        target.merge(agg)
+    return merged

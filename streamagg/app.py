@@ -390,12 +390,12 @@ class Runtime:
         """Roll up the days and weeks of the flushed hour keys; on failure they stay pending."""
         touched, self._to_roll_up = self._to_roll_up, set()
         try:
-            for granularity in ("day", "week"):
-                result = await rollup_keys(store, granularity, touched)
-                self.telemetry.rows_written.labels(granularity).inc(result.inserted + result.updated)
+            results = await rollup_keys(store, touched)
         except BaseException:
             self._to_roll_up |= touched
             raise
+        for granularity, result in results.items():
+            self.telemetry.rows_written.labels(granularity).inc(result.inserted + result.updated)
         self._last_rollup = time.monotonic()
 
     def _rollup_due(self, backlog: bool) -> bool:

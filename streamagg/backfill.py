@@ -431,8 +431,7 @@ async def backfill(
     touched = await _write(store, settings, the_plan, replays, report, on_progress, clock, started)
     if not dry_run:
         await store.analyze()
-        for granularity in ("day", "week"):
-            report.rollups[granularity] = await rollup_keys(store, granularity, touched)
+        report.rollups.update(await rollup_keys(store, touched))
     report.seconds = clock() - started
     return report
 

@@ -8,13 +8,15 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable
 
-from .aggregate import Key, Row, roll_up
+from .aggregate import Key, Row, roll_up, roll_up_aggs
 from .buckets import Granularity, bucket_end_ms, bucket_start_ms
 from .store import Store, WriteResult
 
 log = logging.getLogger(__name__)
 
 _WRITE_BATCH = 1000
+
+Series = tuple[str, str | None, str | None]  # (metric, dimension type, dimension value)
 
 
 def aligned_range(granularity: Granularity, start_ms: int, end_ms: int) -> tuple[int, int]:
@@ -50,23 +52,31 @@ async def rollup(store: Store, granularity: Granularity, start_ms: int, end_ms: 
     return result
 
 
-async def rollup_keys(store: Store, granularity: Granularity, hour_keys: Iterable[Key]) -> WriteResult:
-    """Recompute the ``granularity`` rows that contain the given hour keys (after a flush or a
-    backfill); a row whose series has no hour row left in its bucket is deleted."""
-    if granularity == "hour":
-        raise ValueError("hour rows come from events, not from roll-ups")
-    by_bucket: defaultdict[int, set[tuple[str, str | None, str | None]]] = defaultdict(set)
+async def rollup_keys(store: Store, hour_keys: Iterable[Key]) -> dict[Granularity, WriteResult]:
+    """Recompute the day and week rows that contain the given hour keys (after a flush or a
+    backfill); a row whose series has no hour row left in its bucket is deleted.
+
+    One read per week and batch of series serves both: the week's hour rows are fetched and
+    decoded once, then merged into the touched days and into the week."""
+    by_week: defaultdict[int, dict[Series, set[int]]] = defaultdict(dict)
     for hour, metric, dimension_type, dimension_value in hour_keys:
-        by_bucket[bucket_start_ms(hour, granularity)].add((metric, dimension_type, dimension_value))
-    result = WriteResult()
-    for bucket, series in sorted(by_bucket.items()):
-        ordered = sorted(series, key=repr)
+        series = (metric, dimension_type, dimension_value)
+        by_week[bucket_start_ms(hour, "week")].setdefault(series, set()).add(bucket_start_ms(hour, "day"))
+    results: dict[Granularity, WriteResult] = {"day": WriteResult(), "week": WriteResult()}
+    for week, touched in sorted(by_week.items()):
+        ordered = sorted(touched, key=repr)
         for i in range(0, len(ordered), _WRITE_BATCH):
             batch = ordered[i : i + _WRITE_BATCH]
-            rows = await store.fetch_hour_rows_of(bucket, bucket_end_ms(bucket, granularity), batch)
-            result += await store.upsert_rows(roll_up(rows, granularity))
-            empty = set(batch) - {row.key[1:] for row in rows}
-            if empty:  # never for a flush, which writes hours; a backfill may have removed some
-                gone = [(bucket, *s) for s in sorted(empty, key=repr)]
-                result += WriteResult(deleted=await store.delete_rollups_without_hours(granularity, gone))
-    return result
+            hours = await store.fetch_hour_aggs_of(week, bucket_end_ms(week, "week"), batch)
+            wanted = {
+                "day": {(day, *series) for series in batch for day in touched[series]},
+                "week": {(week, *series) for series in batch},
+            }
+            for granularity in ("day", "week"):
+                merged = roll_up_aggs(hours, granularity, keep=wanted[granularity])
+                rows = [merged[key].to_row(key, granularity) for key in sorted(merged, key=repr)]
+                results[granularity] += await store.upsert_rows(rows)
+                empty = sorted(wanted[granularity] - merged.keys(), key=repr)
+                if empty:  # never for a flush, which writes hours; a backfill may have removed some
+                    results[granularity] += WriteResult(deleted=await store.delete_rollups_without_hours(granularity, empty))
+    return results

@@ -412,7 +412,8 @@ class Store:
         )
         found: dict[Key, list[tuple[int, Agg]]] = {}
         for record in records:
-            found.setdefault(_record_key(record), []).append((record["source_partition"], _agg_from_partial(record)))
+            key = _record_key(record)
+            found.setdefault(key, []).append((record["source_partition"], _agg_from_record(record, key)))
         return found
 
     async def delete_rollups_without_hours(self, granularity: Granularity, keys: Sequence[Key]) -> int:
@@ -473,22 +474,29 @@ class Store:
             args.append(metric)
         return [_row_from_record(r) for r in await self._fetch("reading rows", sql, *args)]
 
-    async def fetch_hour_rows_of(
+    async def fetch_hour_aggs_of(
         self, start_ms: int, end_ms: int, series: Sequence[tuple[str, str | None, str | None]]
-    ) -> list[Row]:
-        """Hour rows in [start, end) of the given (metric, dimension type, dimension value) series."""
+    ) -> list[tuple[Key, Agg]]:
+        """The hour rows in [start, end) of the given (metric, dimension type, dimension value)
+        series, as aggregates in time order, series by series (what a roll-up merges)."""
         sql = (
-            f"SELECT {_T_COLUMNS} "
+            "SELECT t.bucket_time, t.metric_name, t.dimension_type, t.dimension_value, t.count, t.sum_value, "
+            "t.min_value, t.max_value, t.sketch, t.sketch_kind, t.value_fingerprint "
             f"FROM unnest($3::text[], $4::text[], $5::text[]) AS s(m, dt, dv) JOIN {TABLE} t "
             "ON t.metric_name = s.m AND coalesce(t.dimension_type, '') = coalesce(s.dt, '') "
             "AND coalesce(t.dimension_value, '') = coalesce(s.dv, '') "
-            "WHERE t.granularity = 'hour' AND t.bucket_time >= $1 AND t.bucket_time < $2"
+            "WHERE t.granularity = 'hour' AND t.bucket_time >= $1 AND t.bucket_time < $2 "
+            "ORDER BY t.bucket_time"
         )
         records = await self._fetch(
             "reading hour rows", sql, to_datetime(start_ms), to_datetime(end_ms),
             [s[0] for s in series], [s[1] for s in series], [s[2] for s in series],
         )  # fmt: skip
-        return [_row_from_record(r) for r in records]
+        out = []
+        for record in records:
+            key = _record_key(record)
+            out.append((key, _agg_from_record(record, key)))
+        return out
 
     async def row_totals(self, granularity: Granularity, start_ms: int, end_ms: int) -> tuple[int, int]:
         """How many rows of one granularity lie in [start, end), and the sum of their counts:
@@ -635,24 +643,15 @@ def _partial_columns(
     ]
 
 
-def _agg_from_partial(record: asyncpg.Record) -> Agg:
-    sketch = record["sketch"]
-    row = Row(
-        bucket_ms=0,
-        granularity="hour",
-        metric_name=record["metric_name"],
-        dimension_type=record["dimension_type"],
-        dimension_value=record["dimension_value"],
-        count=record["count"],
-        min_value=record["min_value"],
-        max_value=record["max_value"],
-        sketch=bytes(sketch) if sketch is not None else None,
-        sketch_kind=record["sketch_kind"],
-        fingerprint=exact.from_signed64(record["value_fingerprint"]) if record["value_fingerprint"] is not None else None,
-    )
-    agg = Agg.from_row(row)
-    if agg.sketch is not None:
+def _agg_from_record(record: asyncpg.Record, key: Key) -> Agg:
+    """The aggregate of a stored final row or partial (a partial's exact sum from its parts)."""
+    fingerprint, sketch = record["value_fingerprint"], record["sketch"]
+    agg = Agg.from_stored(
+        record["count"], record.get("sum_value"), record["min_value"], record["max_value"],
+        bytes(sketch) if sketch is not None else None, record["sketch_kind"],
+        exact.from_signed64(fingerprint) if fingerprint is not None else None, key,
+    )  # fmt: skip
+    if agg.sketch is not None and "sum_parts" in record:
         parts = record["sum_parts"] or b""
         agg.total = exact.exact_sum(struct.unpack(f"<{len(parts) // 8}d", parts))
     return agg
-

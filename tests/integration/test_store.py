@@ -193,7 +193,7 @@ def test_retired_partials_and_orphans_leave_exactly_the_replayed_rows(database: 
             await store.write_partials(1, [(newer, partitions[1][newer])], source_offset=99)  # read further
             await store.upsert_rows([partitions[0][both[0]].to_row((START_MS, "junk", None, None), "hour")])
             junk = (START_MS, "junk", None, None)
-            await rollup_keys(store, "day", [gone, junk, both[0]])
+            await rollup_keys(store, [gone, junk, both[0]])
             before_rows = await store.fetch_rows("hour", START_MS, START_MS + HOUR_MS)
             before_revisions = await store.revisions()
             retire = [Retire(both[0], 1, 10), Retire(gone, 1, 10), Retire(newer, 1, 10)]
@@ -208,7 +208,7 @@ def test_retired_partials_and_orphans_leave_exactly_the_replayed_rows(database: 
             rows = {row.key: row for row in await store.fetch_rows("hour", START_MS, START_MS + HOUR_MS)}
             assert gone not in rows and junk not in rows and newer in rows
             assert stats(rows[both[0]]) == stats(partitions[0][both[0]].to_row(both[0], "hour"))
-            rolled = await rollup_keys(store, "day", [gone, junk, both[0]])
+            rolled = (await rollup_keys(store, [gone, junk, both[0]]))["day"]
             assert rolled.deleted == 2 and rolled.updated == 1
             day_keys = {row.key for row in await store.fetch_rows("day", START_MS, START_MS + 24 * HOUR_MS)}
             assert (bucket_start_ms(START_MS, "day"), *gone[1:]) not in day_keys
