@@ -24,7 +24,7 @@ import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import datasketches
 import numpy as np
@@ -43,6 +43,23 @@ _REQ_FLAG_HRA = 1 << 3
 
 # Below this many values, scalar updates are cheaper than one array update (measured).
 _SCALAR_LOOP_MAX = 16
+
+# Up to this many values a sketch keeps them in a list and builds the library object only to
+# serialise it, or for good once it grows past: an empty REQ k=128 object takes about 4.3 KB,
+# and most sketches of a worker (a user's hour) hold one or two values. Never more than the
+# library object of the kind holds exactly (KLL k=8: 8 values), so a list reports what the
+# object would.
+LAZY_MAX = 16
+
+
+@functools.lru_cache(maxsize=64)
+def _listed_max(kind: Kind) -> int:
+    impl = Sketch._new_impl(kind)
+    for n in range(LAZY_MAX):
+        impl.update(float(n))  # type: ignore[attr-defined]
+        if impl.is_estimation_mode():  # type: ignore[attr-defined]
+            return n
+    return LAZY_MAX
 
 # k ranges the library accepts; checked here so a bad setting fails with a clear message.
 _K_RANGE = {"kll": (8, 65535), "req-hra": (4, 254)}  # datasketches 5.2 stores REQ k in 8 bits
@@ -143,77 +160,133 @@ def _is_trusted(kind: str, data: bytes) -> bool:
 
 
 class Sketch:
-    """A mergeable quantile sketch of one kind. Not thread-safe, like the library object it wraps."""
+    """A mergeable quantile sketch of one kind. Not thread-safe, like the library object it wraps.
 
-    __slots__ = ("kind", "_impl")
+    Holds either the library object or, up to :data:`LAZY_MAX` values, the values themselves
+    (exact mode, where quantiles are those of the values as the library object stores them).
+    """
+
+    __slots__ = ("kind", "_impl", "_values", "_listed_max")
 
     def __init__(self, kind: str | Kind, _impl: object | None = None) -> None:
         self.kind = kind if isinstance(kind, Kind) else Kind.parse(kind)
-        if _impl is None:
-            _impl = (
-                datasketches.kll_doubles_sketch(self.kind.k)
-                if self.kind.family == "kll"
-                else datasketches.req_floats_sketch(self.kind.k, True)
-            )
         self._impl = _impl
+        self._values: list[float] | None = [] if _impl is None else None
+        self._listed_max = _listed_max(self.kind)
+
+    @staticmethod
+    def _new_impl(kind: Kind, values: Sequence[float] = ()) -> Any:
+        impl = (
+            datasketches.kll_doubles_sketch(kind.k) if kind.family == "kll" else datasketches.req_floats_sketch(kind.k, True)
+        )
+        update = impl.update
+        for value in values:
+            update(value)
+        return impl
+
+    def _materialise(self) -> Any:
+        """The library object, built from the listed values first if there is none yet."""
+        if self._values is not None:
+            self._impl, self._values = self._new_impl(self.kind, self._values), None
+        return self._impl
 
     # -- writing ---------------------------------------------------------------------------
     def update(self, value: float) -> None:
         """Add one finite value."""
-        self._impl.update(value)
+        values = self._values
+        if values is None:
+            self._impl.update(value)  # type: ignore[attr-defined]
+            return
+        values.append(value)
+        if len(values) > self._listed_max:
+            self._materialise()
 
     def update_many(self, values: np.ndarray | Sequence[float]) -> None:
         """Add finite values in order: a 1-D array, or a sequence of floats."""
         if isinstance(values, np.ndarray) and values.ndim != 1:
             raise ValueError(f"update_many takes a 1-D array, got shape {values.shape}")
+        listed = self._values
+        if listed is not None and len(listed) + len(values) <= self._listed_max:
+            listed.extend(values.tolist() if isinstance(values, np.ndarray) else values)
+            return
+        impl = self._materialise()
         if len(values) > _SCALAR_LOOP_MAX:
-            self._impl.update(values if isinstance(values, np.ndarray) else np.array(values, dtype=np.float64))
+            impl.update(values if isinstance(values, np.ndarray) else np.array(values, dtype=np.float64))
         else:
             # The array entry point costs ~3 us a call against ~0.16 us a scalar update;
             # most keys (a user's hour) get one or two values a batch.
-            update = self._impl.update
+            update = impl.update
             for value in values.tolist() if isinstance(values, np.ndarray) else values:
                 update(value)
 
     def merge(self, other: Sketch) -> None:
+        """Fold ``other`` in; a listed ``other`` adds its values, in order."""
         if other.kind != self.kind:
             raise SketchKindMismatch(str(self.kind), str(other.kind))
-        self._impl.merge(other._impl)
+        if other._values is not None:
+            self.update_many(other._values)
+        else:
+            self._materialise().merge(other._impl)
 
     # -- reading ---------------------------------------------------------------------------
     @property
     def n(self) -> int:
-        return self._impl.n
+        return len(self._values) if self._values is not None else self._impl.n  # type: ignore[attr-defined]
 
     @property
     def retained(self) -> int:
-        """How many items the sketch holds (its memory is proportional)."""
-        return self._impl.num_retained
+        """How many items the sketch holds."""
+        if self._values is not None:
+            return len(self._values)
+        return self._impl.num_retained  # type: ignore[attr-defined]
+
+    @property
+    def memory_bytes(self) -> int:
+        """Rough bytes held: a list and its floats while listed; else the library object, whose
+        buffers start at about 32 bytes per unit of k for REQ (4.3 KB at k=128, measured)."""
+        if self._values is not None:
+            return 56 + 32 * len(self._values)
+        base = 32 * self.kind.k if self.kind.family == "req-hra" else 200
+        return base + 8 * self.retained
 
     @property
     def is_exact(self) -> bool:
         """True while every value is retained (quantiles are then exact)."""
-        return not self._impl.is_estimation_mode()
+        return self._values is not None or not self._impl.is_estimation_mode()  # type: ignore[attr-defined]
 
     def quantiles(self, ranks: Sequence[float]) -> list[float]:
         """Values at normalised ranks in [0, 1], interpolated like PERCENTILE_CONT.
 
         PERCENTILE_CONT over the sample the sketch stands for (each retained item repeated by its
-        weight; while exact, the values themselves). The library's own ``get_quantile`` returns
-        the next item above the rank instead; near the top of a heavy tail, where REQ-HRA keeps
-        items of weight 1, that step alone is an error of up to 12% at p99 of a bucket of ~1,000
-        values, which interpolation removes. The two order statistics around each rank come from
-        the library's sorted view: microseconds, where iterating the retained items from Python
-        took about 1 ms for a busy week's sketch (and the binding's KLL iterator reports weight 1
-        for every item).
+        weight; while exact, the values themselves, for REQ as float32). The library's own
+        ``get_quantile`` returns the next item above the rank instead; near the top of a heavy
+        tail, where REQ-HRA keeps items of weight 1, that step alone is an error of up to 12%
+        at p99 of a bucket of ~1,000 values, which interpolation removes. The two order
+        statistics around each rank come from the library's sorted view: microseconds, where
+        iterating the retained items from Python took about 1 ms for a busy week's sketch (and
+        the binding's KLL iterator reports weight 1 for every item).
         """
-        if self._impl.is_empty():
+        if self._values is not None:
+            if not self._values:
+                raise SketchError("quantiles of an empty sketch are undefined")
+            return percentile_cont(sorted(self._stored(self._values)), ranks)
+        if self._impl.is_empty():  # type: ignore[attr-defined]
             raise SketchError("quantiles of an empty sketch are undefined")
         return percentile_cont(_OrderStatistics(self._impl), ranks)
 
+    def _stored(self, values: Sequence[float]) -> list[float]:
+        """The values as the library object stores them: float32 for REQ (inf past its range)."""
+        if self.kind.family == "kll":
+            return list(values)
+        with np.errstate(over="ignore"):
+            return np.asarray(values, dtype=np.float32).tolist()
+
     # -- bytes -----------------------------------------------------------------------------
     def serialize(self) -> bytes:
-        data = bytes(self._impl.serialize())
+        # A listed sketch is serialised through a library object built for the occasion and
+        # dropped: the list stays the (small) state.
+        impl = self._impl if self._values is None else self._new_impl(self.kind, self._values)
+        data = bytes(impl.serialize())  # type: ignore[attr-defined]
         _trust(str(self.kind), data)  # the library wrote them: reading them back needs no check
         return data
 
@@ -243,7 +316,13 @@ class Sketch:
         except (ValueError, IndexError, RuntimeError) as exc:
             raise CorruptSketchError(f"{kind} sketch bytes rejected by the library: {exc}") from exc
         _trust(actual, data)
-        return cls(kind, impl)
+        sketch = cls(kind, impl)
+        if impl.n <= sketch._listed_max and not impl.is_estimation_mode():
+            # Listed again. Both families iterate an exact sketch's items newest first: reversed,
+            # they are fed back in their stored order, so serialising gives back the same bytes.
+            # (Iterating an empty deserialised REQ sketch crashes the process: datasketches 5.2.)
+            sketch._impl, sketch._values = None, [item for item, _ in impl][::-1] if impl.n else []
+        return sketch
 
     def __repr__(self) -> str:
         return f"Sketch({str(self.kind)!r}, n={self.n}, exact={self.is_exact})"

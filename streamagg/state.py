@@ -297,6 +297,6 @@ class PartitionState:
         return len(self.aggregates)
 
     def estimated_bytes(self) -> int:
-        """Rough memory of the held aggregates: retained sketch items at 4-8 bytes plus overhead."""
+        """Rough memory of the held aggregates: about 200 bytes each plus their sketches'."""
         # list(): a scrape runs in another thread; copying a dict's values is atomic under the GIL
-        return sum(200 + (agg.sketch.retained * 8 if agg.sketch is not None else 0) for agg in list(self.aggregates.values()))
+        return sum(200 + (agg.sketch.memory_bytes if agg.sketch is not None else 0) for agg in list(self.aggregates.values()))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sketches import CorruptSketchError, Kind, Sketch, SketchKindError, SketchKindMismatch, sniff_kind
+from sketches.quantiles import LAZY_MAX
 from streamagg.settings import Settings
 from streamagg.oracle import percentile_cont
 
@@ -217,3 +218,55 @@ def test_quantiles_of_empty_sketch_raise() -> None:
 
     with pytest.raises(SketchError):
         Sketch("req-hra-k24").quantiles([0.5])
+
+
+LISTED_KINDS = ["kll-k8", "kll-k200", "req-hra-k4", "req-hra-k128"]
+
+
+def materialised(sketch: Sketch) -> Sketch:
+    """The same sketch with its values fed to a library object (what a listed one stands for)."""
+    twin = Sketch.deserialize(sketch.kind, sketch.serialize())
+    twin._materialise()
+    return twin
+
+
+@pytest.mark.parametrize("kind", LISTED_KINDS)
+def test_a_few_values_report_what_the_library_object_would(kind: str) -> None:
+    """Sketches of a few values keep a list, not a 4 KB library object: quantiles, counts and
+    bytes are the object's, for REQ with its float32 rounding (inf past float32's range)."""
+    rng = np.random.default_rng(17)
+    for n in range(1, LAZY_MAX + 3):
+        values = rng.lognormal(5, 3, n).tolist()
+        values[0] *= 1e36  # past float32's range for the larger ones
+        sketch = Sketch(kind)
+        for value in values:
+            sketch.update(value)
+        twin = materialised(sketch)
+        assert sketch.serialize() == twin.serialize()  # before quantiles, which reorder the object's items
+        assert (sketch.n, sketch.retained, sketch.is_exact) == (twin.n, twin.retained, twin.is_exact)
+        np.testing.assert_array_equal(sketch.quantiles(RANKS), twin.quantiles(RANKS))  # NaN too (an inf value)
+        if n <= 8:  # every kind lists this many
+            assert sketch._impl is None and sketch.n == n
+
+
+@pytest.mark.parametrize("kind", LISTED_KINDS)
+def test_merges_across_the_list_limit_stay_exact(kind: str) -> None:
+    rng = np.random.default_rng(18)
+    sizes = [1, 3, 0, 5, 2, 8, 1, 4]
+    merged, everything = Sketch(kind), []
+    for size in sizes:
+        part = Sketch(kind)
+        values = rng.lognormal(5, 1, size)
+        part.update_many(values)
+        merged.merge(part)
+        everything.extend(values.tolist())
+        dtype = np.float32 if kind.startswith("req") else np.float64
+        stored = np.asarray(everything, dtype=dtype).astype(np.float64).tolist()
+        if everything and merged.is_exact:
+            assert merged.quantiles(RANKS) == [percentile_cont(stored, r) for r in RANKS]
+    assert merged.n == sum(sizes)
+    eager = Sketch(kind)
+    eager._materialise()
+    for value in everything:
+        eager.update(value)
+    assert materialised(merged).quantiles(RANKS) == eager.quantiles(RANKS) or not eager.is_exact
