@@ -171,7 +171,7 @@ _LOCK_STRIPES = 512
 _LOCK_BASE = 0x5354_5241_4747_1000
 
 
-def _key_lock_id(key: Key) -> int:
+def key_lock_id(key: Key) -> int:
     """The advisory lock guarding a bucket key: one of a fixed set of stripes, so a transaction
     over many thousand keys takes at most ``_LOCK_STRIPES`` locks (each lock is a slot in
     PostgreSQL's shared lock table, max_locks_per_transaction x max_connections in all)."""
@@ -377,7 +377,7 @@ class Store:
         # in SQL gives every transaction the same order, so no deadlocks.
         await conn.execute(
             "SELECT pg_advisory_xact_lock(id) FROM unnest($1::bigint[]) AS id ORDER BY id",
-            sorted({_key_lock_id(key) for key in keys}),
+            sorted({key_lock_id(key) for key in keys}),
         )
         applied: set[tuple[Key, int]] = set()  # (key, partition) written here, not fenced off
         if partial_columns:

@@ -7,6 +7,7 @@ import random
 from streamagg.aggregate import Agg
 from streamagg.app import _chunks
 from streamagg.pipeline import Flushable
+from streamagg.store import key_lock_id
 
 
 def test_every_partitions_partial_of_a_key_lands_in_one_chunk() -> None:
@@ -35,3 +36,14 @@ def test_every_partitions_partial_of_a_key_lands_in_one_chunk() -> None:
 
 def test_no_items_no_chunks() -> None:
     assert list(_chunks([], max_keys=10)) == []
+
+
+def test_chunks_follow_the_lock_stripes() -> None:
+    """Consecutive chunks lock consecutive stripe ranges: two transactions in flight (one per
+    lane of consecutive chunks) share at most the stripe at their boundary."""
+    keys = [(3_600_000, "trace.count", "user_id", f"u{i}") for i in range(2000)]
+    items = [Flushable("t.traces", p, [(key, Agg(None)) for key in keys[p::3]], closed_at_ms=7, offset=1) for p in range(3)]
+    stripes = [sorted({key_lock_id(key) for part in chunk for key, _ in part.items}) for chunk in _chunks(items, max_keys=300)]
+    assert len(stripes) == 7
+    for before, after in zip(stripes, stripes[1:]):
+        assert before[-1] <= after[0]
