@@ -3,7 +3,8 @@
 * ``kll-k<K>``: ``kll_doubles_sketch(K)``; rank error ~1.3% at K=200, float64 items.
 * ``req-hra-k<K>``: ``req_floats_sketch(K, is_hra=True)``; relative rank error that shrinks
   towards rank 1.0, which is where p95/p99 of heavy-tailed latencies live. Items are float32
-  (the library has no double REQ sketch).
+  (the library has no double REQ sketch); a value beyond float32's range is stored as its
+  largest value (3.4e38), not as inf.
 
 While a sketch is not in estimation mode it retains every value, and :meth:`Sketch.quantiles`
 interpolates them exactly like PostgreSQL's ``PERCENTILE_CONT`` (for REQ: over the values as
@@ -40,6 +41,8 @@ _KIND_RE = re.compile(r"^(kll|req-hra)-k([1-9][0-9]{0,4})$")
 _HEADER = struct.Struct("<BBBBH")
 _FAMILY_ID = {"kll": 15, "req-hra": 17}
 _REQ_FLAG_HRA = 1 << 3
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # Below this many values, scalar updates are cheaper than one array update (measured).
 _SCALAR_LOOP_MAX = 16
@@ -166,13 +169,16 @@ class Sketch:
     (exact mode, where quantiles are those of the values as the library object stores them).
     """
 
-    __slots__ = ("kind", "_impl", "_values", "_listed_max")
+    __slots__ = ("kind", "_impl", "_values", "_listed_max", "_ceiling")
 
     def __init__(self, kind: str | Kind, _impl: object | None = None) -> None:
         self.kind = kind if isinstance(kind, Kind) else Kind.parse(kind)
         self._impl = _impl
         self._values: list[float] | None = [] if _impl is None else None
         self._listed_max = _listed_max(self.kind)
+        # REQ stores float32: a larger finite value would become inf, and quantiles around it
+        # NaN. It is stored as float32's largest value instead (sum, min and max stay exact).
+        self._ceiling = math.inf if self.kind.family == "kll" else _FLOAT32_MAX
 
     @staticmethod
     def _new_impl(kind: Kind, values: Sequence[float] = ()) -> Any:
@@ -193,6 +199,8 @@ class Sketch:
     # -- writing ---------------------------------------------------------------------------
     def update(self, value: float) -> None:
         """Add one finite value."""
+        if value > self._ceiling:
+            value = self._ceiling
         values = self._values
         if values is None:
             self._impl.update(value)  # type: ignore[attr-defined]
@@ -205,6 +213,8 @@ class Sketch:
         """Add finite values in order: a 1-D array, or a sequence of floats."""
         if isinstance(values, np.ndarray) and values.ndim != 1:
             raise ValueError(f"update_many takes a 1-D array, got shape {values.shape}")
+        if len(values) and max(values) > self._ceiling:
+            values = np.minimum(np.asarray(values, dtype=np.float64), self._ceiling)
         listed = self._values
         if listed is not None and len(listed) + len(values) <= self._listed_max:
             listed.extend(values.tolist() if isinstance(values, np.ndarray) else values)
@@ -275,11 +285,10 @@ class Sketch:
         return percentile_cont(_OrderStatistics(self._impl), ranks)
 
     def _stored(self, values: Sequence[float]) -> list[float]:
-        """The values as the library object stores them: float32 for REQ (inf past its range)."""
+        """The values as the library object stores them: float32 for REQ."""
         if self.kind.family == "kll":
             return list(values)
-        with np.errstate(over="ignore"):
-            return np.asarray(values, dtype=np.float32).tolist()
+        return np.asarray(values, dtype=np.float32).tolist()  # within range: see _ceiling
 
     # -- bytes -----------------------------------------------------------------------------
     def serialize(self) -> bytes:
