@@ -27,6 +27,7 @@ from streamagg.backfill import HourRange, Report, backfill
 from streamagg.buckets import HOUR_MS
 from streamagg.demo import fresh_database
 from streamagg.settings import Settings
+from streamagg.state import collect_less_often
 from streamagg.store import Store
 
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     total = args.events // args.hours * args.hours
 
     err.print("streamagg backfill of every hour, into a fresh database ...")
+    collect_less_often()  # as `streamagg backfill` does
     hours = HourRange(start, start + args.hours * HOUR_MS)
     report, backfill_seconds = asyncio.run(timed_backfill(settings, hours, expected))
     if report.records != total:

@@ -18,7 +18,6 @@ Measured behaviour of faust-streaming 0.15.3 this is built around (docs/design.m
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import shutil
@@ -43,7 +42,7 @@ from .errors import StreamaggError
 from .pipeline import DeadLetter, Flushable, Pipeline, RawMessage, TopicPartition
 from .rollup import rollup, rollup_keys
 from .settings import Settings
-from .state import decode_key
+from .state import collect_less_often, decode_key
 from .store import Store, StoreError, key_lock_id
 from .telemetry import Telemetry, serve
 from .topics import deadletter_topic, ensure_topics, source_topics
@@ -545,10 +544,7 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
     # Faust insists on a data directory even with in-memory tables: a private throwaway one.
     datadir = Path(tempfile.mkdtemp(prefix=f"streamagg-faust-{settings.app_id}-"))
     app, runtime = build_app(settings, telemetry, datadir)
-    # The state holds hundreds of thousands of long-lived objects; at the collector's default
-    # thresholds full collections scan them every few batches (bench/core: +20%). Not
-    # gc.freeze(): objects frozen with the app would keep every aggregate alive at exit.
-    gc.set_threshold(10_000, 10, 100)
+    collect_less_often()
     telemetry.watch(runtime.health)
     server, _ = serve(registry, settings.metrics_host, settings.metrics_port)
     log.info(

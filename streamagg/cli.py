@@ -311,8 +311,11 @@ def backfill(settings: Settings, start: int | None, end: int | None, allow_parti
 
     from .backfill import backfill as run_backfill
     from .backfill import hour_range, iso
+    from .state import collect_less_often
     from .store import Store
     from .telemetry import BackfillTelemetry, serve
+
+    collect_less_often()
 
     requested = hour_range(start, end, int(time.time() * 1000))
     telemetry = BackfillTelemetry(CollectorRegistry())

@@ -14,6 +14,7 @@ Record layouts (little-endian):
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import struct
@@ -36,6 +37,14 @@ _VERSION = 1
 _NO_WATERMARK = -(2**63)
 
 Clock = Callable[[], int]  # epoch milliseconds
+
+
+def collect_less_often() -> None:
+    """For a process holding the state (worker, backfill): it is hundreds of thousands of
+    long-lived objects, which the collector's default thresholds scan every few batches
+    (bench/core: +20%; bench/backfill: 5,309 -> 6,282 events/s). Not gc.freeze(): objects
+    frozen with the app would keep every aggregate alive at exit."""
+    gc.set_threshold(10_000, 10, 100)
 
 
 def encode_key(topic: str, partition: int, key: Key) -> bytes:
