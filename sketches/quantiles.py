@@ -213,7 +213,7 @@ class Sketch:
         """Add finite values in order: a 1-D array, or a sequence of floats."""
         if isinstance(values, np.ndarray) and values.ndim != 1:
             raise ValueError(f"update_many takes a 1-D array, got shape {values.shape}")
-        if len(values) and max(values) > self._ceiling:
+        if len(values) and (values.max() if isinstance(values, np.ndarray) else max(values)) > self._ceiling:
             values = np.minimum(np.asarray(values, dtype=np.float64), self._ceiling)
         listed = self._values
         if listed is not None and len(listed) + len(values) <= self._listed_max:

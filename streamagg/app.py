@@ -442,8 +442,8 @@ class Runtime:
             await rollup(store, "week", week - WEEK_MS, week)
 
     async def close(self) -> None:
-        """At a clean stop: roll up what is pending (nothing else would until the next day's
-        scheduled roll-up), then close the database pool."""
+        """At a clean stop: roll up what is pending (else only a restart's re-flush of the
+        restored keys or the 01:00 crontab would), then close the database pool."""
         async with self._flush_lock:  # let a running flush finish first
             if self._store is None:
                 return
@@ -479,7 +479,7 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
         producer_max_request_size=16 * 1024 * 1024,
         producer_max_batch_size=1024 * 1024,  # checkpoints send thousands of records at once
         # One fetch is processed in one synchronous call: unbounded, a backlog's fetch held up to
-        # 100,000 records and the event loop (heartbeats, scrapes, timers) for seconds.
+        # 100,000 records and held the event loop (heartbeats, timers, commits) for seconds.
         broker_max_poll_records=MAX_BATCH_RECORDS,
         timezone=UTC,
     )

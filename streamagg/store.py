@@ -478,7 +478,7 @@ class Store:
         self, start_ms: int, end_ms: int, series: Sequence[tuple[str, str | None, str | None]]
     ) -> list[tuple[Key, Agg]]:
         """The hour rows in [start, end) of the given (metric, dimension type, dimension value)
-        series, as aggregates in time order, series by series (what a roll-up merges)."""
+        series, as (key, aggregate) in time order (the order a roll-up merges them in)."""
         sql = (
             "SELECT t.bucket_time, t.metric_name, t.dimension_type, t.dimension_value, t.count, t.sum_value, "
             "t.min_value, t.max_value, t.sketch, t.sketch_kind, t.value_fingerprint "
