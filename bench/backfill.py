@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     err.print("streamagg: one worker process over the same topics, into another fresh database ...")
     database = asyncio.run(fresh_database(settings, f"streamagg_bench_backfill_worker_{uuid.uuid4().hex[:8]}"))
     worker_seconds = worker_end_to_end(settings.model_copy(update={"database_url": settings.database_url.__class__(database)}),
-                                       expected, err)  # fmt: skip
+                                       total, expected, err)  # fmt: skip
     backfill_rate = total / backfill_seconds
     worker_rate = total / worker_seconds
     rows = report.hour_rows

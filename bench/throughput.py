@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -70,9 +71,10 @@ def metrics(port: int, *names: str) -> list[float]:
     return [float(values.get(name, 0.0)) for name in names]
 
 
-def worker_end_to_end(settings: Settings, expected: dict, err: Console, profile: str | None = None) -> float:
+def worker_end_to_end(settings: Settings, events: int, expected: dict, err: Console, profile: str | None = None) -> float:
     """Seconds for one `streamagg worker` process from its first read to the last of the
-    ``expected`` hour, day and week rows committed (stopped with SIGTERM afterwards)."""
+    ``expected`` hour, day and week rows committed (stopped with SIGTERM afterwards); prints
+    when the events were all aggregated and each granularity's rows were all stored."""
     runner = [sys.executable, "-m", "pyinstrument", "-o", profile] if profile else [sys.executable]
     worker = subprocess.Popen([*runner, "-m", "streamagg", "--quiet", "worker"],
                               env={**env_without_settings(), **worker_env(settings)}, stdin=subprocess.DEVNULL)  # fmt: skip
@@ -84,17 +86,32 @@ def worker_end_to_end(settings: Settings, expected: dict, err: Console, profile:
             processed, busy = metrics(settings.metrics_port, "observability_aggregation_records_processed_total",
                                       "observability_aggregation_duration_seconds_sum")  # fmt: skip
             if processed > 0:
-                first_read = time.perf_counter() - busy
+                first_read = time.monotonic() - busy
             elif worker.poll() is not None:
                 raise SystemExit(f"worker exited with {worker.returncode}")
             else:
                 time.sleep(0.05)
+        aggregated: list[float] = []
+        watcher = threading.Thread(target=_when_aggregated, args=(settings.metrics_port, events, aggregated), daemon=True)
+        watcher.start()
         with err.status("waiting for every hour, day and week row") as status:
-            asyncio.run(wait_for_rows(settings, expected, worker, 900, status))
-        return time.perf_counter() - first_read
+            complete = asyncio.run(wait_for_rows(settings, expected, worker, 900, status))
+        end = time.monotonic()
+        phases = [("every event aggregated", aggregated[0] if aggregated else None),
+                  *((f"every {g} row stored", complete.get(g)) for g in ("hour", "day", "week"))]  # fmt: skip
+        err.print("worker phases, seconds after the first read: "
+                  + ", ".join(f"{name} {at - first_read:.1f}" for name, at in phases if at is not None))  # fmt: skip
+        return end - first_read
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
+
+
+def _when_aggregated(port: int, events: int, out: list[float]) -> None:
+    """Appends the time the worker's processed-records counter reached ``events``."""
+    while metrics(port, "observability_aggregation_records_processed_total")[0] < events:
+        time.sleep(0.1)
+    out.append(time.monotonic())
 
 
 def prefilled(name: str, events: int, hours: int, seed: int, err: Console) -> tuple[Settings, int, dict]:
@@ -136,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline_seconds = asyncio.run(plain_consumer(settings.kafka_bootstrap, list(source_topics(settings)), settings.partitions, total))
 
     err.print("streamagg: one worker process, first read to last hour row committed ...")
-    worker_seconds = worker_end_to_end(settings, expected, err, args.profile)
+    worker_seconds = worker_end_to_end(settings, total, expected, err, args.profile)
     baseline_rate = total / baseline_seconds
     worker_rate = total / worker_seconds
     print(f"events                      {total:>12,}")

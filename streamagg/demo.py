@@ -173,8 +173,9 @@ def env_without_settings() -> dict[str, str]:
 async def wait_for_rows(
     settings: Settings, expected: dict[Granularity, dict[Key, int]], worker: subprocess.Popen, timeout: float,
     status: object,
-) -> None:
-    """Until every expected row (by granularity, key: count) is stored with its count.
+) -> dict[Granularity, float]:
+    """Until every expected row (by granularity, key: count) is stored with its count; returns
+    when (``time.monotonic()``) each granularity's row totals were first complete.
 
     Polls row totals (one row back per granularity, so the wait takes no CPU from the worker
     it waits for) and compares every row only once the totals match."""
@@ -183,6 +184,7 @@ async def wait_for_rows(
     totals = {g: (len(wanted), sum(wanted.values())) for g, wanted in expected.items()}
     rows_wanted = sum(n for n, _ in totals.values())
     what = "hours to be flushed" if set(expected) == {"hour"} else "hours to be flushed and rolled up"
+    complete: dict[Granularity, float] = {}
     async with await Store.open(settings.database_url.get_secret_value(), settings.redacted_dsn()) as store:
         while True:
             if worker.poll() is not None:
@@ -192,8 +194,11 @@ async def wait_for_rows(
             except StreamaggError:
                 stored = {g: (0, 0) for g in expected}  # the worker has not created the schema yet
             status.update(f"waiting for the {what}: {sum(n for n, _ in stored.values()):,}/{rows_wanted:,} rows")  # type: ignore[attr-defined]
+            for granularity in expected:
+                if stored[granularity] == totals[granularity]:
+                    complete.setdefault(granularity, time.monotonic())
             if stored == totals and await _rows_are(store, expected, ranges):
-                return
+                return complete
             if time.monotonic() > deadline:
                 raise DemoFailed(f"the rows were not all final after {timeout:.0f} s: stored (rows, total count) "
                                  f"{stored}, expected {totals}")  # fmt: skip
