@@ -62,10 +62,12 @@ def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
 
 class _ExpectedNoise(logging.Filter):
     """Demotes to INFO library messages that say something normal in words of alarm: a fresh
-    broker's first seconds (aiokafka logs ERROR for the group coordinator lookup and WARNING
-    for produce requests to partitions whose leader is still starting, and retries both), and
-    a flush or checkpoint timer that outlasts its interval while a backlog is worked off (mode
-    logs WARNING; flush latency is in the metrics)."""
+    broker's first seconds (aiokafka logs ERROR for the group coordinator lookup, WARNING when
+    it marks a coordinator that answered "not ready" dead before looking it up again, and
+    WARNING for produce requests to partitions whose leader is still starting, and retries
+    them all; a broker that stays away still shows as connection errors), and a flush or
+    checkpoint timer that outlasts its interval while a backlog is worked off (mode logs
+    WARNING; flush latency is in the metrics)."""
 
     LOGGERS = ("aiokafka.consumer.group_coordinator", "aiokafka.producer.sender", "mode.timers")
 
@@ -77,7 +79,8 @@ class _ExpectedNoise(logging.Filter):
             args[-1], "retriable", False
         )
         slow_timer = msg.startswith("Timer %s is overlapping") and args[0] in ("flush", "checkpoint")
-        if retried or slow_timer:
+        looked_up_again = msg.startswith("Marking the coordinator dead")
+        if retried or slow_timer or looked_up_again:
             record.levelno, record.levelname = logging.INFO, "INFO"
             return logging.getLogger(record.name).isEnabledFor(logging.INFO)
         return True
