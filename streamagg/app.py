@@ -24,7 +24,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC
 from pathlib import Path
@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry
 from .aggregate import Key
 from .buckets import DAY_MS, WEEK_MS, bucket_start_ms
 from .errors import StreamaggError
+from .lanes import in_lanes
 from .pipeline import DeadLetter, Flushable, Pipeline, RawMessage, TopicPartition
 from .rollup import rollup, rollup_keys
 from .settings import Settings
@@ -348,15 +349,10 @@ class Runtime:
                 self._failed("connect", exc)
                 return
             items = [item for item in self.pipeline.flushable() if item.items]
+            # Chunks follow the key lock stripes, so lanes of consecutive chunks seldom wait for
+            # each other's locks.
             chunks = _chunks(items, FLUSH_KEYS_PER_TRANSACTION)
-            # Lanes of consecutive chunks, one transaction in flight each: Python prepares one
-            # lane's next chunk while PostgreSQL runs the other's statements. Chunks follow the
-            # key lock stripes, so the lanes seldom wait for each other's locks.
-            per_lane = max(1, -(-len(chunks) // FLUSH_LANES))
-            async with asyncio.TaskGroup() as lanes:
-                done = [lanes.create_task(self._flush_chunks(store, chunks[i : i + per_lane]))
-                        for i in range(0, len(chunks), per_lane)]  # fmt: skip
-            all_written = all(task.result() for task in done)
+            all_written = all(await in_lanes(chunks, FLUSH_LANES, lambda lane: self._flush_chunks(store, lane)))
             if self._inserted_since_analyze > max(ANALYZE_MIN_ROWS, self._inserted_at_analyze):
                 # The table doubled since the planner last looked: a fresh table's statistics
                 # make every roll-up lookup scan it, long before autovacuum's first analyze.
@@ -378,7 +374,7 @@ class Runtime:
                 self.telemetry.last_success.set(time.time())
             self.pipeline.evict()
 
-    async def _flush_chunks(self, store: Store, chunks: list[list[Flushable]]) -> bool:
+    async def _flush_chunks(self, store: Store, chunks: Sequence[list[Flushable]]) -> bool:
         """Write chunks one transaction after the other; False if any failed (it stays in memory)."""
         all_written = True
         for chunk in chunks:

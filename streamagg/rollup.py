@@ -3,14 +3,14 @@ min of mins, max of maxes, percentiles read from the merged sketch). Never from 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from .aggregate import Key, Row, roll_up, roll_up_aggs
 from .buckets import Granularity, bucket_end_ms, bucket_start_ms
+from .lanes import in_lanes
 from .store import Store, WriteResult
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ async def rollup_keys(store: Store, hour_keys: Iterable[Key]) -> dict[Granularit
     ]
     results: dict[Granularity, WriteResult] = {"day": WriteResult(), "week": WriteResult()}
 
-    async def lane(work: list[tuple[int, list[Series], dict[Series, set[int]]]]) -> None:
+    async def lane(work: Sequence[tuple[int, list[Series], dict[Series, set[int]]]]) -> None:
         for week, batch, touched in work:
             hours = await store.fetch_hour_aggs_of(week, bucket_end_ms(week, "week"), batch)
             wanted = {
@@ -88,10 +88,5 @@ async def rollup_keys(store: Store, hour_keys: Iterable[Key]) -> dict[Granularit
                     written += WriteResult(deleted=await store.delete_rollups_without_hours(granularity, empty))
                 results[granularity] += written  # after the awaits: the other lane adds too
 
-    # Two lanes of batches (disjoint series), one statement in flight each: Python merges one
-    # lane's batch while PostgreSQL reads or writes the other's.
-    per_lane = max(1, -(-len(batches) // _LANES))
-    async with asyncio.TaskGroup() as lanes:
-        for i in range(0, len(batches), per_lane):
-            lanes.create_task(lane(batches[i : i + per_lane]))
+    await in_lanes(batches, _LANES, lane)  # batches of different lanes hold disjoint series
     return results
