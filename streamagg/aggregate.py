@@ -463,7 +463,9 @@ def roll_up(rows: Iterable[Row], granularity: Granularity) -> list[Row]:
     return [merged[key].to_row(key, granularity) for key in sorted(merged, key=_sort_key)]
 
 
-def roll_up_aggs(hours: Sequence[tuple[Key, Agg]], granularity: Granularity, keep: Container[Key] | None = None) -> dict[Key, Agg]:
+def roll_up_aggs(
+    hours: Sequence[tuple[Key, Agg]], granularity: Granularity, keep: Container[Key] | None = None
+) -> dict[Key, Agg]:
     """The ``granularity`` aggregates of (key, aggregate) pairs given in time order: each one
     merged, in that order, into a fresh aggregate of its bucket, so the inputs are left as they
     were and every caller merges the same way. ``keep``: only these buckets' keys."""

@@ -76,6 +76,20 @@ def _chunks(items: list[Flushable], max_keys: int) -> list[list[Flushable]]:
     return groups
 
 
+def rollup_due(pending: int, backlog: bool, since_last: float, interval: float) -> bool:
+    """Whether the days and weeks of ``pending`` flushed hour keys are rolled up now.
+
+    While a backlog of closed hours is worked off (the flush wrote at least a full transaction),
+    hours go first and roll-ups wait, so each day and week is merged once rather than once per
+    flush, up to ROLLUP_MAX_PENDING_KEYS keys (memory). Otherwise at most once per ``interval``
+    seconds, which batches a trickle of late events."""
+    if not pending:
+        return False
+    if pending >= ROLLUP_MAX_PENDING_KEYS:
+        return True
+    return not backlog and since_last >= interval
+
+
 SourceBatch = Mapping[TP, list[ConsumerRecord]]
 
 
@@ -177,7 +191,7 @@ class Runtime:
         self._checkpoint_lock = asyncio.Lock()
         self._ready: set[TP] = set()  # source partitions recovered in this generation
         # Day and week roll-ups of flushed keys are batched: a key's hour is flushed once per
-        # partition that saw it, its day and week once per roll-up (see _rollup_due).
+        # partition that saw it, its day and week once per roll-up (see rollup_due).
         self._to_roll_up: set[Key] = set()
         self._last_rollup = time.monotonic()
         self._rollup_interval = settings.rollup_interval_seconds or max(5.0, 5 * settings.flush_interval_seconds)
@@ -363,7 +377,8 @@ class Runtime:
                     return
                 self._inserted_at_analyze += self._inserted_since_analyze
                 self._inserted_since_analyze = 0
-            if self._rollup_due(backlog=sum(len(item.items) for item in items) >= FLUSH_KEYS_PER_TRANSACTION):
+            backlog = sum(len(item.items) for item in items) >= FLUSH_KEYS_PER_TRANSACTION
+            if rollup_due(len(self._to_roll_up), backlog, time.monotonic() - self._last_rollup, self._rollup_interval):
                 try:
                     await self._roll_up(store)
                 except StoreError as exc:
@@ -407,19 +422,6 @@ class Runtime:
         for granularity, result in results.items():
             self.telemetry.rows_written.labels(granularity).inc(result.inserted + result.updated)
         self._last_rollup = time.monotonic()
-
-    def _rollup_due(self, backlog: bool) -> bool:
-        """Whether the touched keys' days and weeks are rolled up now.
-
-        While a backlog of closed hours is worked off (this flush wrote at least a full
-        transaction), hours go first and roll-ups wait, so each day and week is merged once
-        rather than once per flush, up to ROLLUP_MAX_PENDING_KEYS touched keys (memory).
-        Otherwise at most once per roll-up interval, which batches a trickle of late events."""
-        if not self._to_roll_up:
-            return False
-        if len(self._to_roll_up) >= ROLLUP_MAX_PENDING_KEYS:
-            return True
-        return not backlog and time.monotonic() - self._last_rollup >= self._rollup_interval
 
     def _failed(self, stage: str, exc: StreamaggError) -> None:
         self._failures += 1
