@@ -215,6 +215,10 @@ class Sketch:
             raise ValueError(f"update_many takes a 1-D array, got shape {values.shape}")
         if len(values) and (values.max() if isinstance(values, np.ndarray) else max(values)) > self._ceiling:
             values = np.minimum(np.asarray(values, dtype=np.float64), self._ceiling)
+        self._add(values)
+
+    def _add(self, values: np.ndarray | Sequence[float]) -> None:
+        """Add values already within range (see ``_ceiling``), in order."""
         listed = self._values
         if listed is not None and len(listed) + len(values) <= self._listed_max:
             listed.extend(values.tolist() if isinstance(values, np.ndarray) else values)
@@ -234,7 +238,7 @@ class Sketch:
         if other.kind != self.kind:
             raise SketchKindMismatch(str(self.kind), str(other.kind))
         if other._values is not None:
-            self.update_many(other._values)
+            self._add(other._values)  # a sketch's values are within range already
         else:
             self._materialise().merge(other._impl)
 
