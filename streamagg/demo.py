@@ -180,7 +180,7 @@ async def wait_for_rows(
     Polls row totals (one row back per granularity, so the wait takes no CPU from the worker
     it waits for) and compares every row only once the totals match."""
     deadline = time.monotonic() + timeout
-    ranges = {g: (min(k[0] for k in wanted), max(k[0] for k in wanted) + 1) for g, wanted in expected.items()}
+    ranges = _ranges(expected)
     totals = {g: (len(wanted), sum(wanted.values())) for g, wanted in expected.items()}
     rows_wanted = sum(n for n, _ in totals.values())
     what = "hours to be flushed" if set(expected) == {"hour"} else "hours to be flushed and rolled up"
@@ -197,7 +197,7 @@ async def wait_for_rows(
             for granularity in expected:
                 if stored[granularity] == totals[granularity]:
                     complete.setdefault(granularity, time.monotonic())
-            if stored == totals and await _rows_are(store, expected, ranges):
+            if stored == totals and await rows_match(store, expected):
                 return complete
             if time.monotonic() > deadline:
                 raise DemoFailed(f"the rows were not all final after {timeout:.0f} s: stored (rows, total count) "
@@ -205,10 +205,16 @@ async def wait_for_rows(
             await asyncio.sleep(0.5)
 
 
-async def _rows_are(store: Store, expected: dict[Granularity, dict[Key, int]], ranges: dict) -> bool:
-    for granularity, wanted in expected.items():
-        rows = await store.fetch_rows(granularity, *ranges[granularity])
-        if {row.key: row.count for row in rows} != wanted:
+def _ranges(expected: dict[Granularity, dict[Key, int]]) -> dict[Granularity, tuple[int, int]]:
+    """Per granularity, the bucket range [first, last] of the expected rows."""
+    return {g: (min(k[0] for k in wanted), max(k[0] for k in wanted) + 1) for g, wanted in expected.items()}
+
+
+async def rows_match(store: Store, expected: dict[Granularity, dict[Key, int]]) -> bool:
+    """Whether the stored rows in the expected rows' range are exactly those, with those counts."""
+    for granularity, (start, end) in _ranges(expected).items():
+        rows = await store.fetch_rows(granularity, start, end)
+        if {row.key: row.count for row in rows} != expected[granularity]:
             return False
     return True
 
