@@ -4,21 +4,18 @@ min of mins, max of maxes, percentiles read from the merged sketch). Never from 
 from __future__ import annotations
 
 import logging
-
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-from .aggregate import Key, Row, roll_up, roll_up_aggs
-from .buckets import Granularity, bucket_end_ms, bucket_start_ms
+from .aggregate import Key, roll_up_aggs
+from .buckets import DAY_MS, Granularity, bucket_end_ms, bucket_start_ms
 from .lanes import in_lanes
-from .store import Store, WriteResult
+from .store import Series, Store, WriteResult, series_lock_id
 
 log = logging.getLogger(__name__)
 
 _WRITE_BATCH = 1000
 _LANES = 2  # batches in flight: roll-up of bench/throughput 6.0 -> 5.0 s (three runs each)
-
-Series = tuple[str, str | None, str | None]  # (metric, dimension type, dimension value)
 
 
 def aligned_range(granularity: Granularity, start_ms: int, end_ms: int) -> tuple[int, int]:
@@ -29,64 +26,65 @@ def aligned_range(granularity: Granularity, start_ms: int, end_ms: int) -> tuple
 
 
 async def rollup(store: Store, granularity: Granularity, start_ms: int, end_ms: int) -> WriteResult:
-    """Recompute every ``granularity`` row whose bucket overlaps [start, end) from stored hours.
-
-    Hour rows stream in key order, so memory holds one key's hours at a time.
-    """
+    """Recompute every ``granularity`` row whose bucket overlaps [start, end) and holds an hour
+    row, from the stored hours (as :func:`rollup_keys`, one series batch at a time)."""
     if granularity == "hour":
         raise ValueError("hour rows come from events, not from roll-ups")
     first, end = aligned_range(granularity, start_ms, end_ms)
-    result = WriteResult()
-    pending: list[Row] = []
-    key_rows: list[Row] = []
-    async for row in store.iter_hour_rows_by_key(first, end):
-        if key_rows and row.key[1:] != key_rows[-1].key[1:]:
-            pending.extend(roll_up(key_rows, granularity))
-            key_rows = []
-            if len(pending) >= _WRITE_BATCH:
-                result += await store.upsert_rows(pending)
-                pending = []
-        key_rows.append(row)
-    if key_rows:
-        pending.extend(roll_up(key_rows, granularity))
-    result += await store.upsert_rows(pending)
+    result = (await rollup_keys(store, await store.hour_series_days(first, end), (granularity,)))[granularity]
     log.info("rolled up %s rows in [%d, %d): %s", granularity, first, end, result)
     return result
 
 
-async def rollup_keys(store: Store, hour_keys: Iterable[Key]) -> dict[Granularity, WriteResult]:
-    """Recompute the day and week rows that contain the given hour keys (after a flush or a
-    backfill); a row whose series has no hour row left in its bucket is deleted.
+async def rollup_keys(
+    store: Store, hour_keys: Iterable[Key], granularities: Sequence[Granularity] = ("day", "week")
+) -> dict[Granularity, WriteResult]:
+    """Recompute the day and week rows (or only ``granularities``) that contain the given hour
+    keys (after a flush or a backfill); a row whose series has no hour row left in its bucket is
+    deleted.
 
     One read per week and batch of series serves both: the week's hour rows are fetched and
-    decoded once, then merged into the touched days and into the week."""
+    decoded once, then merged into the touched days and into the week. Each batch is one
+    transaction holding its series' roll-up locks (:meth:`Store.rolling_up`)."""
     by_week: defaultdict[int, dict[Series, set[int]]] = defaultdict(dict)
     for hour, metric, dimension_type, dimension_value in hour_keys:
         series = (metric, dimension_type, dimension_value)
         by_week[bucket_start_ms(hour, "week")].setdefault(series, set()).add(bucket_start_ms(hour, "day"))
-    batches = [
-        (week, ordered[i : i + _WRITE_BATCH], touched)
-        for week, touched in sorted(by_week.items())
-        for ordered in [sorted(touched, key=repr)]
-        for i in range(0, len(ordered), _WRITE_BATCH)
-    ]
-    results: dict[Granularity, WriteResult] = {"day": WriteResult(), "week": WriteResult()}
+    # Series in order of their lock stripe, and batches in order of their first stripe: the two
+    # lanes take consecutive runs of batches, so they seldom wait for each other's locks.
+    batches = sorted(
+        (
+            (series_lock_id(ordered[i]), week, ordered[i : i + _WRITE_BATCH], touched)
+            for week, touched in by_week.items()
+            for ordered in [sorted(touched, key=lambda s: (series_lock_id(s), repr(s)))]
+            for i in range(0, len(ordered), _WRITE_BATCH)
+        ),
+        key=lambda batch: batch[:2],
+    )
+    results = {granularity: WriteResult() for granularity in granularities}
 
-    async def lane(work: Sequence[tuple[int, list[Series], dict[Series, set[int]]]]) -> None:
-        for week, batch, touched in work:
-            hours = await store.fetch_hour_aggs_of(week, bucket_end_ms(week, "week"), batch)
+    async def lane(work: Sequence[tuple[int, int, list[Series], dict[Series, set[int]]]]) -> None:
+        for _, week, batch, touched in work:
             wanted = {
                 "day": {(day, *series) for series in batch for day in touched[series]},
                 "week": {(week, *series) for series in batch},
             }
-            for granularity in ("day", "week"):
-                merged = roll_up_aggs(hours, granularity, keep=wanted[granularity])
-                rows = [merged[key].to_row(key, granularity) for key in sorted(merged, key=repr)]
-                written = await store.upsert_rows(rows)
-                empty = sorted(wanted[granularity] - merged.keys(), key=repr)
-                if empty:  # never for a flush, which writes hours; a backfill may have removed some
-                    written += WriteResult(deleted=await store.delete_rollups_without_hours(granularity, empty))
-                results[granularity] += written  # after the awaits: the other lane adds too
+            # Days only (the daily schedule): their hours, not the whole week's.
+            days = {key[0] for key in wanted["day"]} if "week" not in granularities else ()
+            start, end = (min(days), max(days) + DAY_MS) if days else (week, bucket_end_ms(week, "week"))
+            written: dict[Granularity, WriteResult] = {}
+            async with store.rolling_up(batch) as conn:
+                hours = await store.fetch_hour_aggs_of(start, end, batch, conn)
+                for granularity in granularities:
+                    merged = roll_up_aggs(hours, granularity, keep=wanted[granularity])
+                    rows = [merged[key].to_row(key, granularity) for key in sorted(merged, key=repr)]
+                    written[granularity] = await store.upsert_rows(rows, conn)
+                    empty = sorted(wanted[granularity] - merged.keys(), key=repr)
+                    if empty:  # never for a flush, which writes hours; a backfill may have removed some
+                        deleted = await store.delete_rollups_without_hours(granularity, empty, conn)
+                        written[granularity] += WriteResult(deleted=deleted)
+            for granularity, result in written.items():  # once committed
+                results[granularity] += result
 
-    await in_lanes(batches, _LANES, lane)  # batches of different lanes hold disjoint series
+    await in_lanes(batches, _LANES, lane)
     return results

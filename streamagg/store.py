@@ -8,10 +8,11 @@ evidence means the stored sketch already summarises exactly these values.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
@@ -91,6 +92,7 @@ _COLUMNS = (
 _T_COLUMNS = ", ".join("t." + c.strip() for c in _COLUMNS.split(","))
 
 RowKey = tuple[Granularity, int, str | None]  # (granularity, bucket start ms, dimension value) within one slice
+Series = tuple[str, str | None, str | None]  # (metric, dimension type, dimension value)
 
 _UPSERT = f"""
 INSERT INTO {TABLE} AS t ({_COLUMNS})
@@ -177,12 +179,30 @@ _LOCK_STRIPES = 512
 _LOCK_BASE = 0x5354_5241_4747_1000
 
 
+_SERIES_LOCK_BASE = 0x5354_5241_4747_2000
+
+
 def key_lock_id(key: Key) -> int:
     """The advisory lock guarding a bucket key: one of a fixed set of stripes, so a transaction
     over many thousand keys takes at most ``_LOCK_STRIPES`` locks (each lock is a slot in
     PostgreSQL's shared lock table, max_locks_per_transaction x max_connections in all)."""
-    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-    return _LOCK_BASE + int.from_bytes(digest, "big") % _LOCK_STRIPES
+    return _LOCK_BASE + _stripe(key)
+
+
+def series_lock_id(series: Series) -> int:
+    """The advisory lock guarding the day and week rows of a series (striped as :func:`key_lock_id`)."""
+    return _SERIES_LOCK_BASE + _stripe(series)
+
+
+def _stripe(item: tuple) -> int:
+    digest = hashlib.blake2b(repr(item).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % _LOCK_STRIPES
+
+
+async def _lock(conn: asyncpg.Connection, lock_ids: Iterable[int]) -> None:
+    """Take transaction-scoped advisory locks in ascending order: every transaction takes them in
+    the same order, so none deadlocks with another."""
+    await conn.execute("SELECT pg_advisory_xact_lock(id) FROM unnest($1::bigint[]) AS id ORDER BY id", sorted(set(lock_ids)))
 
 
 def _row_from_record(record: asyncpg.Record) -> Row:
@@ -257,22 +277,42 @@ class Store:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _fetch(self, what: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-        """One statement's records on a pooled connection; a database error becomes a StoreError
-        saying ``what`` failed."""
+    async def _fetch(self, what: str, sql: str, *args: Any, conn: asyncpg.Connection | None = None) -> list[asyncpg.Record]:
+        """One statement's records on ``conn`` (a transaction's), else on a pooled connection; a
+        database error becomes a StoreError saying ``what`` failed."""
         try:
-            async with self._pool.acquire() as conn:
+            if conn is not None:
                 return await conn.fetch(sql, *args)
+            async with self._pool.acquire() as own:
+                return await own.fetch(sql, *args)
         except _DB_ERRORS as exc:
             raise _wrap(f"{what} failed", exc) from exc
 
-    async def _execute(self, what: str, sql: str, *args: Any) -> str:
-        """One statement's status on a pooled connection (errors as in :meth:`_fetch`)."""
+    async def _execute(self, what: str, sql: str, *args: Any, conn: asyncpg.Connection | None = None) -> str:
+        """One statement's status (connection and errors as in :meth:`_fetch`)."""
         try:
-            async with self._pool.acquire() as conn:
+            if conn is not None:
                 return await conn.execute(sql, *args)
+            async with self._pool.acquire() as own:
+                return await own.execute(sql, *args)
         except _DB_ERRORS as exc:
             raise _wrap(f"{what} failed", exc) from exc
+
+    @contextlib.asynccontextmanager
+    async def rolling_up(self, series: Iterable[Series]) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction holding the roll-up locks of ``series``, for reading their hour rows and
+        writing their day and week rows from what it read.
+
+        Without them, two workers rolling up one series could commit in the opposite order of
+        their reads: the one that read before the other's flush of a new hour would write last,
+        and the day would miss that hour for good. Under the locks the last writer read last,
+        after every flush whose roll-up came before it."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await _lock(conn, map(series_lock_id, series))
+                yield conn
+        except _DB_ERRORS as exc:
+            raise _wrap("rolling up failed", exc) from exc
 
     # -- schema ------------------------------------------------------------------------------
     async def migrate(self) -> list[str]:
@@ -383,12 +423,7 @@ class Store:
         retire: Sequence[Retire],
         may_vanish: set[Key],
     ) -> WriteResult:
-        # Writers of one key (other partitions, other workers) queue here; ordering the lock ids
-        # in SQL gives every transaction the same order, so no deadlocks.
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(id) FROM unnest($1::bigint[]) AS id ORDER BY id",
-            sorted({key_lock_id(key) for key in keys}),
-        )
+        await _lock(conn, map(key_lock_id, keys))  # writers of one key (other partitions, workers) queue here
         applied: set[tuple[Key, int]] = set()  # (key, partition) written here, not fenced off
         if partial_columns:
             applied = {(_record_key(r), r["source_partition"]) for r in await conn.fetch(_UPSERT_PARTIALS, *partial_columns)}
@@ -426,7 +461,9 @@ class Store:
             found.setdefault(key, []).append((record["source_partition"], _agg_from_record(record, key)))
         return found
 
-    async def delete_rollups_without_hours(self, granularity: Granularity, keys: Sequence[Key]) -> int:
+    async def delete_rollups_without_hours(
+        self, granularity: Granularity, keys: Sequence[Key], conn: asyncpg.Connection | None = None
+    ) -> int:
         """Delete the given day or week rows whose series has no hour row inside their bucket any
         more (a backfill removed it); returns how many went."""
         if granularity == "hour":
@@ -435,7 +472,7 @@ class Store:
             return 0
         status = await self._execute(
             f"deleting {granularity} rows", _DELETE_ROLLUPS_WITHOUT_HOURS, granularity, *_key_columns(keys),
-            timedelta(milliseconds=width_ms(granularity)),
+            timedelta(milliseconds=width_ms(granularity)), conn=conn,
         )  # fmt: skip
         return int(status.split()[-1])
 
@@ -485,7 +522,7 @@ class Store:
         return [_row_from_record(r) for r in await self._fetch("reading rows", sql, *args)]
 
     async def fetch_hour_aggs_of(
-        self, start_ms: int, end_ms: int, series: Sequence[tuple[str, str | None, str | None]]
+        self, start_ms: int, end_ms: int, series: Sequence[Series], conn: asyncpg.Connection | None = None
     ) -> list[tuple[Key, Agg]]:
         """The hour rows in [start, end) of the given (metric, dimension type, dimension value)
         series, as (key, aggregate) in time order (the order a roll-up merges them in)."""
@@ -500,7 +537,7 @@ class Store:
         )
         records = await self._fetch(
             "reading hour rows", sql, to_datetime(start_ms), to_datetime(end_ms),
-            [s[0] for s in series], [s[1] for s in series], [s[2] for s in series],
+            [s[0] for s in series], [s[1] for s in series], [s[2] for s in series], conn=conn,
         )  # fmt: skip
         out = []
         for record in records:
@@ -558,19 +595,17 @@ class Store:
         )  # fmt: skip
         return [_row_from_record(r) for r in records]
 
-    async def iter_hour_rows_by_key(self, start_ms: int, end_ms: int, batch: int = 2000) -> AsyncIterator[Row]:
-        """Hour rows in [start, end) ordered by key then time, streamed with a server-side cursor
-        so a week's roll-up holds one key's rows at a time, not the week."""
-        sql = (
-            f"SELECT {_COLUMNS} FROM {TABLE} WHERE granularity = 'hour' AND bucket_time >= $1 AND bucket_time < $2 "
-            "ORDER BY metric_name, dimension_type NULLS FIRST, dimension_value NULLS FIRST, bucket_time"
-        )
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                async for record in conn.cursor(sql, to_datetime(start_ms), to_datetime(end_ms), prefetch=batch):
-                    yield _row_from_record(record)
-        except _DB_ERRORS as exc:
-            raise _wrap("reading hour rows failed", exc) from exc
+    async def hour_series_days(self, start_ms: int, end_ms: int) -> list[Key]:
+        """Every series with an hour row in [start, end), once per UTC day it has one in, as
+        (day start ms, metric, dimension type, dimension value): what a roll-up of the range does."""
+        records = await self._fetch(
+            "reading hour series",
+            "SELECT DISTINCT (floor(extract(epoch FROM bucket_time) / 86400) * 86400000)::bigint, metric_name, "
+            f"dimension_type, dimension_value FROM {TABLE} "
+            "WHERE granularity = 'hour' AND bucket_time >= $1 AND bucket_time < $2",
+            to_datetime(start_ms), to_datetime(end_ms),
+        )  # fmt: skip
+        return [(r[0], r[1], r[2], r[3]) for r in records]
 
     async def revisions(self) -> dict[tuple[datetime, str, str, str | None, str | None], int]:
         """Every row's revision by its unique key (for checks and tests)."""

@@ -146,6 +146,45 @@ def test_rollup_from_stored_hours(database: str, granularity: str) -> None:
     asyncio.run(run())
 
 
+def test_a_rollup_reads_its_hours_only_once_it_holds_their_series(database: str) -> None:
+    """Two workers roll up one series at once: the second waits for the first's transaction and
+    then reads, so an hour flushed meanwhile is in the day row it writes. (Read before waiting,
+    its older read would overwrite the first's day, and the day would miss that hour for good.)"""
+    from streamagg.rollup import rollup_keys
+
+    events = make_events(hours=2, per_hour=300, seed=27)
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    first = [row for row in state.rows() if row.bucket_ms == START_MS]
+    second = [row for row in state.rows() if row.bucket_ms == START_MS + HOUR_MS]
+    series = {row.key[1:] for row in first + second}
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.upsert_rows(first)
+            async with store.rolling_up(series):  # the other worker's roll-up
+                mine = asyncio.create_task(rollup_keys(store, [row.key for row in first]))
+                await wait_for_lock_waiters(store)
+                await store.upsert_rows(second)  # a flush of the next hour commits meanwhile
+            await mine
+            days = {row.key: stats(row) for row in await store.fetch_rows("day", START_MS, START_MS + HOUR_MS)}
+            mine_series = {row.key[1:] for row in first}
+            expected = [row for row in roll_up(first + second, "day") if row.key[1:] in mine_series]
+            assert any(row.key[1:] in mine_series for row in second)  # the race is there to lose
+            assert days == {row.key: stats(row) for row in expected}
+
+    asyncio.run(run())
+
+
+async def wait_for_lock_waiters(store: Store, deadline_s: float = 10.0) -> None:
+    """Until some transaction waits for an advisory lock (the test's deadline otherwise)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + deadline_s
+    while not (await store._fetch("pg_locks", "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")):
+        assert loop.time() < until, "no transaction ever waited for the roll-up locks"
+        await asyncio.sleep(0.01)
+
+
 def test_connection_error_names_no_password() -> None:
     from streamagg.store import StoreError
 
