@@ -22,8 +22,10 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC
@@ -44,7 +46,7 @@ from .pipeline import DeadLetter, Flushable, Pipeline, RawMessage, TopicPartitio
 from .rollup import rollup, rollup_keys
 from .settings import Settings
 from .state import collect_less_often, decode_key
-from .store import Store, StoreError, key_lock_id
+from .store import Store, StoreError, WriteResult, key_lock_id
 from .telemetry import Telemetry, serve
 from .topics import deadletter_topic, ensure_topics, source_topics
 
@@ -193,6 +195,10 @@ class Runtime:
         # Day and week roll-ups of flushed keys are batched: a key's hour is flushed once per
         # partition that saw it, its day and week once per roll-up (see rollup_due).
         self._to_roll_up: set[Key] = set()
+        # The flushes also queue their hours in the database (Store.write_partials_of): what a
+        # worker that died owed is rolled up by the next one to start or get partitions.
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._check_owed_rollups = True
         self._last_rollup = time.monotonic()
         self._rollup_interval = settings.rollup_interval_seconds or max(5.0, 5 * settings.flush_interval_seconds)
         self._inserted_since_analyze = 0  # final rows, since the planner's statistics were refreshed
@@ -230,6 +236,7 @@ class Runtime:
             if tp in starts:
                 state.expect(starts[tp])
         self._ready = ready
+        self._check_owed_rollups = True  # a rebalance may mean that a worker died
 
     def _restore(self, topic: str, partition: int) -> list[tuple[Key | None, bytes]]:
         if self._recovered is None:
@@ -377,6 +384,13 @@ class Runtime:
                     return
                 self._inserted_at_analyze += self._inserted_since_analyze
                 self._inserted_since_analyze = 0
+            if self._check_owed_rollups:
+                try:
+                    await self._roll_up_owed(store)
+                except StoreError as exc:
+                    self._failed("rollup", exc)
+                    return
+                self._check_owed_rollups = False
             backlog = sum(len(item.items) for item in items) >= FLUSH_KEYS_PER_TRANSACTION
             if rollup_due(len(self._to_roll_up), backlog, time.monotonic() - self._last_rollup, self._rollup_interval):
                 try:
@@ -396,7 +410,9 @@ class Runtime:
             # revoked while this flush ran: the new owner writes them
             owned = [item for item in chunk if self.pipeline.owns(item.topic, item.partition)]
             try:
-                result = await store.write_partials_of([(i.partition, i.offset, i.items) for i in owned])
+                result = await store.write_partials_of(
+                    [(i.partition, i.offset, i.items) for i in owned], queued_by=self.instance
+                )
             except StoreError as exc:
                 for item in owned:
                     self.pipeline.unflush(item)
@@ -412,16 +428,35 @@ class Runtime:
         return all_written
 
     async def _roll_up(self, store: Store) -> None:
-        """Roll up the days and weeks of the flushed hour keys; on failure they stay pending."""
+        """Roll up the days and weeks of the flushed hour keys, then clear this worker's roll-up
+        queue (no flush of it runs meanwhile: both hold the flush lock); on failure they stay
+        pending."""
         touched, self._to_roll_up = self._to_roll_up, set()
         try:
-            results = await rollup_keys(store, touched)
+            self._count_rollups(await rollup_keys(store, touched))
+            await store.rolled_up(self.instance)
         except BaseException:
             self._to_roll_up |= touched
             raise
+        self._last_rollup = time.monotonic()
+
+    async def _roll_up_owed(self, store: Store) -> None:
+        """Roll up the hours other workers queued and have not rolled up, a day at a time: a dead
+        worker's debt (a live one's is merely done twice), with every series of those hours."""
+        owed = await store.owed_rollups(exclude=self.instance)
+        if not owed:
+            return
+        log.info("rolling up %d hours that other workers flushed and did not roll up", len(owed))
+        by_day: dict[int, list[int]] = {}
+        for hour in owed:
+            by_day.setdefault(bucket_start_ms(hour, "day"), []).append(hour)
+        for _, hours in sorted(by_day.items()):
+            self._count_rollups(await rollup_keys(store, await store.hour_keys_at(hours)))
+            await store.rolled_up(ids=[row for hour in hours for row in owed[hour]])
+
+    def _count_rollups(self, results: Mapping[str, WriteResult]) -> None:
         for granularity, result in results.items():
             self.telemetry.rows_written.labels(granularity).inc(result.inserted + result.updated)
-        self._last_rollup = time.monotonic()
 
     def _failed(self, stage: str, exc: StreamaggError) -> None:
         self._failures += 1
@@ -440,8 +475,8 @@ class Runtime:
             await rollup(store, "week", week - WEEK_MS, week)
 
     async def close(self) -> None:
-        """At a clean stop: roll up what is pending (else only a restart's re-flush of the
-        restored keys or the 01:00 crontab would), then close the database pool."""
+        """At a clean stop: roll up what is pending (else the next worker to start would, from
+        the roll-up queue), then close the database pool."""
         async with self._flush_lock:  # let a running flush finish first
             if self._store is None:
                 return
@@ -451,7 +486,7 @@ class Runtime:
                     await self._roll_up(self._store)
                 except StoreError as exc:
                     self.telemetry.errors.labels("rollup").inc()
-                    log.warning("roll-up at stop failed; the 01:00 schedule or `streamagg rollup` redoes it: %s", exc)
+                    log.warning("roll-up at stop failed; the next worker to start does it (roll-up queue): %s", exc)
             await self._store.close()
             self._store = None
 

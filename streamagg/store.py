@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 TABLE = "observability.metrics_aggregates"
 PARTIALS = "observability.metrics_partials"
+ROLLUP_QUEUE = "observability.metrics_rollup_queue"
 _MIGRATION_LOCK = 0x5354_5241_4747_0001  # advisory lock id serialising concurrent `migrate`s
 
 _RETRIABLE = (
@@ -144,6 +145,8 @@ WHERE (p.bucket_time, p.metric_name, coalesce(p.dimension_type, ''), coalesce(p.
        p.source_partition) NOT IN (
     SELECT * FROM unnest($5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::int[]))
 """
+
+_QUEUE_ROLLUPS = f"INSERT INTO {ROLLUP_QUEUE} (hour, queued_by) SELECT unnest($1::timestamptz[]), $2"
 
 # '' stands for NULL in these joins so that the series indexes serve them (004_series_indexes.sql).
 _RETIRE_PARTIALS = f"""
@@ -370,6 +373,7 @@ class Store:
         retire: Sequence[Retire] = (),
         orphans: Sequence[Key] = (),
         dry_run: bool = False,
+        queued_by: str | None = None,
     ) -> WriteResult:
         """Overwrite partial aggregates of closed hours of several source partitions and, in the
         same transaction, re-derive the final hour rows of the touched keys from all partitions
@@ -383,6 +387,9 @@ class Store:
         ``orphans`` (keys whose final hour row it did not produce): a key of either that is left
         without partials loses its final hour row, so a rebuilt hour holds exactly what the
         replay found. ``dry_run`` rolls the transaction back: the result says what would change.
+
+        ``queued_by`` (a worker) owes the roll-up of the written hours: they go into the roll-up
+        queue in the same transaction, until :meth:`rolled_up` says it is done.
         """
         batches = [batch for batch in batches if batch[2]]
         if not batches and not retire and not orphans:
@@ -406,6 +413,8 @@ class Store:
                 await transaction.start()
                 try:
                     result = await self._write_partials(conn, keys, own, merged_columns, retire, candidates - written)
+                    if queued_by is not None and own:
+                        await conn.execute(_QUEUE_ROLLUPS, sorted({to_datetime(key[0]) for key in own}), queued_by)
                 except BaseException:
                     await transaction.rollback()
                     raise
@@ -460,6 +469,34 @@ class Store:
             key = _record_key(record)
             found.setdefault(key, []).append((record["source_partition"], _agg_from_record(record, key)))
         return found
+
+    async def rolled_up(self, queued_by: str | None = None, ids: Sequence[int] = ()) -> None:
+        """Owed roll-ups are done: every queued hour of ``queued_by``, and the queue rows ``ids``."""
+        await self._execute(
+            "clearing the roll-up queue", f"DELETE FROM {ROLLUP_QUEUE} WHERE queued_by = $1 OR id = ANY($2::bigint[])",
+            queued_by, list(ids),
+        )  # fmt: skip
+
+    async def owed_rollups(self, exclude: str) -> dict[int, list[int]]:
+        """The hours (epoch ms) other workers than ``exclude`` queued and did not roll up yet,
+        each with its queue rows."""
+        records = await self._fetch(
+            "reading the roll-up queue", f"SELECT hour, id FROM {ROLLUP_QUEUE} WHERE queued_by <> $1", exclude
+        )
+        owed: dict[int, list[int]] = {}
+        for record in records:
+            owed.setdefault(to_ms(record["hour"]), []).append(record["id"])
+        return owed
+
+    async def hour_keys_at(self, hours: Sequence[int]) -> list[Key]:
+        """The keys of every stored hour row of the given hours (epoch ms)."""
+        records = await self._fetch(
+            "reading hour keys",
+            f"SELECT bucket_time, metric_name, dimension_type, dimension_value FROM {TABLE} "
+            "WHERE granularity = 'hour' AND bucket_time = ANY($1::timestamptz[])",
+            [to_datetime(hour) for hour in hours],
+        )  # fmt: skip
+        return [_record_key(record) for record in records]
 
     async def delete_rollups_without_hours(
         self, granularity: Granularity, keys: Sequence[Key], conn: asyncpg.Connection | None = None

@@ -26,7 +26,7 @@ from streamagg.aggregate import Row
 from streamagg.buckets import HOUR_MS, bucket_start_ms
 from streamagg.events import validate
 from streamagg.generate import generate
-from streamagg.oracle import Exact, exact_hours
+from streamagg.oracle import Exact, exact_hours, exact_rollup
 from streamagg.settings import Settings
 from streamagg.stack import Stack, StackInfo, free_port
 from streamagg.store import Store
@@ -197,6 +197,22 @@ def assert_equal_to_oracle(scenario: Scenario, oracle: dict[tuple, Exact]) -> No
     assert set(rows) == set(oracle)  # every catalogue metric and slice present, nothing extra
     for key, exact in oracle.items():
         assert_row_matches(rows[key], exact)
+
+
+def assert_rollups_equal_oracle(scenario: Scenario, oracle: dict[tuple, Exact]) -> None:
+    """Once the day and week rows hold the oracle's counts (waiting for the workers' roll-ups):
+    exactly the oracle's rows, each equal to the merge of its exact hours."""
+    for granularity in ("day", "week"):
+        expected = exact_rollup(oracle, granularity)  # type: ignore[arg-type]
+        counts = {key: rolled.count for key, (rolled, _) in expected.items()}
+        wait_for(
+            f"{granularity} rows",
+            lambda g=granularity: {key: row.count for key, row in scenario.rows(g).items()} == counts,
+            scenario.workers,
+        )
+        rows = scenario.rows(granularity)
+        for key, (exact, hour_sums) in expected.items():
+            assert_row_matches(rows[key], exact, expected_sum=hour_sums)
 
 
 @pytest.fixture

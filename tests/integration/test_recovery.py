@@ -10,7 +10,15 @@ import uuid
 from collections.abc import Callable
 
 from tests.conftest import create_database
-from tests.integration.harness import Scenario, assert_equal_to_oracle, committed_to_the_end, counts_match, metric, wait_for
+from tests.integration.harness import (
+    Scenario,
+    assert_equal_to_oracle,
+    assert_rollups_equal_oracle,
+    committed_to_the_end,
+    counts_match,
+    metric,
+    wait_for,
+)
 
 
 def test_hours_only_in_the_checkpoint_are_flushed_by_the_next_owner(scenario: Callable[..., Scenario]) -> None:
@@ -27,6 +35,22 @@ def test_hours_only_in_the_checkpoint_are_flushed_by_the_next_owner(scenario: Ca
     world.start_worker()  # no event will ever reach it
     wait_for("rows from the checkpoints alone", counts_match(world, oracle), world.workers)
     assert_equal_to_oracle(world, oracle)
+
+
+def test_roll_ups_a_killed_worker_owed_are_done_by_the_next_worker(scenario: Callable[..., Scenario]) -> None:
+    """Hours flushed and evicted (past the lateness window) are in no checkpoint any more: when
+    their worker dies before rolling them up, the next worker must still roll up their days and
+    weeks, from what the flush left in the roll-up queue."""
+    world = scenario(hours=3, per_hour=600, seed=18, STREAMAGG_MAX_LATENESS_SECONDS="900")
+    world.produce()
+    oracle = world.oracle()
+    first, _ = world.start_worker(extra_env={"STREAMAGG_ROLLUP_INTERVAL_SECONDS": "3600"})
+    wait_for("hour rows", counts_match(world, oracle), world.workers)
+    assert not world.rows("day")  # rolled up only after an hour: still owed
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    world.start_worker()
+    assert_rollups_equal_oracle(world, oracle)
 
 
 def test_a_database_that_is_not_there_yet_is_retried_with_backoff_and_nothing_is_lost(

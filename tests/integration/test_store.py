@@ -31,6 +31,7 @@ def test_migrate_is_idempotent_and_versioned(database: str) -> None:
                 "003_hypertable.sql",
                 "004_series_indexes.sql",
                 "005_partials_fence.sql",
+                "006_rollup_queue.sql",
             ]
             assert await store.migrate() == []
             await asyncio.gather(store.migrate(), store.migrate())  # concurrent runs serialise
@@ -172,6 +173,33 @@ def test_a_rollup_reads_its_hours_only_once_it_holds_their_series(database: str)
             expected = [row for row in roll_up(first + second, "day") if row.key[1:] in mine_series]
             assert any(row.key[1:] in mine_series for row in second)  # the race is there to lose
             assert days == {row.key: stats(row) for row in expected}
+
+    asyncio.run(run())
+
+
+def test_flushed_hours_wait_in_the_roll_up_queue_until_rolled_up(database: str) -> None:
+    """A flush queues its hours with its writes; a worker sees other workers' queue only, and
+    clears its own, or given rows, once the roll-ups are done."""
+    events = make_events(hours=2, per_hour=200, seed=28)
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    items = list(state.items())
+    first_hour = [item for item in items if item[0][0] == START_MS]
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.write_partials_of([(0, 5, items)], queued_by="a")
+            await store.write_partials_of([(1, 5, first_hour[:10])], queued_by="b")
+            await store.write_partials_of([(2, 5, items)], dry_run=True, queued_by="b")  # rolled back
+            owed_by_a = await store.owed_rollups(exclude="b")
+            assert sorted(owed_by_a) == [START_MS, START_MS + HOUR_MS]
+            owed_by_b = await store.owed_rollups(exclude="a")
+            assert list(owed_by_b) == [START_MS] and len(owed_by_b[START_MS]) == 1
+            assert set(await store.hour_keys_at([START_MS])) == {key for key, _ in first_hour}
+            await store.rolled_up("a")
+            assert await store.owed_rollups(exclude="b") == {}
+            await store.rolled_up(ids=[row for rows in owed_by_b.values() for row in rows])
+            assert await store.owed_rollups(exclude="a") == {}
 
     asyncio.run(run())
 

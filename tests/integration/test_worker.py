@@ -13,8 +13,14 @@ from kafka import KafkaConsumer, TopicPartition
 from streamagg.aggregate import Row
 from streamagg.buckets import HOUR_MS, bucket_start_ms
 from streamagg.oracle import exact_rollup
-from tests.integration.harness import Scenario, assert_equal_to_oracle, counts_match, metric, wait_for
-from tests.unit.test_aggregate import assert_row_matches
+from tests.integration.harness import (
+    Scenario,
+    assert_equal_to_oracle,
+    assert_rollups_equal_oracle,
+    counts_match,
+    metric,
+    wait_for,
+)
 
 
 def test_rows_equal_the_oracle_and_replay_changes_nothing(scenario: Callable[..., Scenario]) -> None:
@@ -24,17 +30,7 @@ def test_rows_equal_the_oracle_and_replay_changes_nothing(scenario: Callable[...
     worker, port = world.start_worker()
     wait_for("hour rows to match the oracle's counts", counts_match(world, oracle), world.workers)
     assert_equal_to_oracle(world, oracle)
-    # Day and week rows are the merge of the hour rows.
-    for granularity in ("day", "week"):
-        expected = exact_rollup(oracle, granularity)
-        wait_for(
-            f"{granularity} rows",
-            lambda g=granularity, e=expected: {k: r.count for k, r in world.rows(g).items()} == {k: v[0].count for k, v in e.items()},
-            world.workers,
-        )
-        rows = world.rows(granularity)
-        for key, (exact, hour_sums) in expected.items():
-            assert_row_matches(rows[key], exact, expected_sum=hour_sums)
+    assert_rollups_equal_oracle(world, oracle)  # day and week rows are the merge of the hour rows
     assert metric(port, "observability_aggregation_records_processed_total") == world.hours * world.per_hour
     world.stop_all()
     assert worker.returncode == 0
@@ -112,12 +108,7 @@ def test_a_clean_stop_rolls_up_what_is_pending(scenario: Callable[..., Scenario]
     assert not world.rows("day") and not world.rows("week")  # roll-ups wait for their interval
     world.stop_all()
     assert worker.returncode == 0
-    for granularity in ("day", "week"):
-        expected = exact_rollup(oracle, granularity)
-        rows = world.rows(granularity)
-        assert set(rows) == set(expected)
-        for key, (exact, hour_sums) in expected.items():
-            assert_row_matches(rows[key], exact, expected_sum=hour_sums)
+    assert_rollups_equal_oracle(world, oracle)
 
 
 def test_sigkill_mid_stream_then_restart(scenario: Callable[..., Scenario]) -> None:
