@@ -7,7 +7,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-from .aggregate import Key, roll_up_aggs
+from .aggregate import Key, roll_up_rows
 from .buckets import DAY_MS, Granularity, bucket_end_ms, bucket_start_ms
 from .lanes import in_lanes
 from .store import Series, Store, WriteResult, series_lock_id
@@ -74,12 +74,12 @@ async def rollup_keys(
             start, end = (min(days), max(days) + DAY_MS) if days else (week, bucket_end_ms(week, "week"))
             written: dict[Granularity, WriteResult] = {}
             async with store.rolling_up(batch) as conn:
-                hours = await store.fetch_hour_aggs_of(start, end, batch, conn)
+                hours = await store.fetch_hour_rows_of(start, end, batch, conn)
+                rolled = roll_up_rows(hours, {granularity: wanted[granularity] for granularity in granularities})
                 for granularity in granularities:
-                    merged = roll_up_aggs(hours, granularity, keep=wanted[granularity])
-                    rows = [merged[key].to_row(key, granularity) for key in sorted(merged, key=repr)]
+                    rows = sorted(rolled[granularity], key=lambda row: repr(row.key))
                     written[granularity] = await store.upsert_rows(rows, conn)
-                    empty = sorted(wanted[granularity] - merged.keys(), key=repr)
+                    empty = sorted(wanted[granularity] - {row.key for row in rows}, key=repr)
                     if empty:  # never for a flush, which writes hours; a backfill may have removed some
                         deleted = await store.delete_rollups_without_hours(granularity, empty, conn)
                         written[granularity] += WriteResult(deleted=deleted)

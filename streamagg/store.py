@@ -558,14 +558,13 @@ class Store:
             args.append(metric)
         return [_row_from_record(r) for r in await self._fetch("reading rows", sql, *args)]
 
-    async def fetch_hour_aggs_of(
+    async def fetch_hour_rows_of(
         self, start_ms: int, end_ms: int, series: Sequence[Series], conn: asyncpg.Connection | None = None
-    ) -> list[tuple[Key, Agg]]:
+    ) -> list[Row]:
         """The hour rows in [start, end) of the given (metric, dimension type, dimension value)
-        series, as (key, aggregate) in time order (the order a roll-up merges them in)."""
+        series, in time order (the order a roll-up merges them in)."""
         sql = (
-            "SELECT t.bucket_time, t.metric_name, t.dimension_type, t.dimension_value, t.count, t.sum_value, "
-            "t.min_value, t.max_value, t.sketch, t.sketch_kind, t.value_fingerprint "
+            f"SELECT {_T_COLUMNS} "
             f"FROM unnest($3::text[], $4::text[], $5::text[]) AS s(m, dt, dv) JOIN {TABLE} t "
             "ON t.metric_name = s.m AND coalesce(t.dimension_type, '') = coalesce(s.dt, '') "
             "AND coalesce(t.dimension_value, '') = coalesce(s.dv, '') "
@@ -576,11 +575,7 @@ class Store:
             "reading hour rows", sql, to_datetime(start_ms), to_datetime(end_ms),
             [s[0] for s in series], [s[1] for s in series], [s[2] for s in series], conn=conn,
         )  # fmt: skip
-        out = []
-        for record in records:
-            key = _record_key(record)
-            out.append((key, _agg_from_record(record, key)))
-        return out
+        return [_row_from_record(record) for record in records]
 
     async def row_totals(self, granularity: Granularity, start_ms: int, end_ms: int) -> tuple[int, int]:
         """How many rows of one granularity lie in [start, end), and the sum of their counts:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sketches import Kind, Sketch
-from streamagg.aggregate import Agg, AggregateState, Row, roll_up
+from streamagg.aggregate import Agg, AggregateState, Row, roll_up, roll_up_rows
 from streamagg.buckets import HOUR_MS, bucket_start_ms
 from streamagg.catalogue import METRICS, METRICS_BY_NAME
 from streamagg.errors import StateError
@@ -237,6 +237,35 @@ def test_rollups_equal_the_oracle(granularity: str) -> None:
         row = rolled[key]
         assert row.granularity == granularity
         assert_row_matches(row, exact, expected_sum=hour_sums_added)
+
+
+def test_days_and_weeks_rolled_up_together_merge_each_run_of_hours_once() -> None:
+    """Rolled up together, days and weeks equal the oracle; a bucket of one hour is that hour's
+    row, and a week whose hours lie in one day is that day's row (same sketch bytes: nothing
+    merged twice). Only the wanted buckets come out."""
+    start = bucket_start_ms(START_MS, "week") - 4 * HOUR_MS  # Sunday 20:00: a day and a week boundary
+    events = make_events(hours=8, per_hour=300, seed=7, start_ms=start)
+    hours = sorted(ingest(events, batch=500).rows(), key=lambda row: row.bucket_ms)
+    rolled = roll_up_rows(hours, {"day": None, "week": None})
+    oracle = exact_hours(events)
+    for granularity in ("day", "week"):
+        rows = {row.key: row for row in rolled[granularity]}
+        expected = exact_rollup(oracle, granularity)
+        assert set(rows) == set(expected)
+        for key, (exact, hour_sums) in expected.items():
+            assert rows[key].granularity == granularity
+            assert_row_matches(rows[key], exact, expected_sum=hour_sums)
+    by_series: dict[tuple, list[Row]] = {}
+    for row in hours:
+        by_series.setdefault((bucket_start_ms(row.bucket_ms, "day"), *row.key[1:]), []).append(row)
+    days = {row.key: row for row in rolled["day"]}
+    weeks = {row.key: row for row in rolled["week"]}
+    singles = [(key, members[0]) for key, members in by_series.items() if len(members) == 1]
+    assert singles and all(days[key].sketch == hour.sketch and days[key].p99_value == hour.p99_value for key, hour in singles)
+    merged_days = [key for key, members in by_series.items() if len(members) > 1 and members[0].sketch is not None]
+    assert merged_days and all(weeks[(bucket_start_ms(key[0], "week"), *key[1:])].sketch == days[key].sketch for key in merged_days)
+    some = {next(iter(days))}
+    assert {row.key for row in roll_up_rows(hours, {"day": some})["day"]} == some
 
 
 def test_merge_is_associative_hours_days_week() -> None:
