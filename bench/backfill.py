@@ -6,9 +6,10 @@ Pre-fills fresh topics with N generated events, then measures
   (b) one `streamagg worker` process over the same topics into another fresh database, from
       its first read to the last hour, day and week row committed (as bench.throughput).
 Both stores are checked against the exact row counts. Prints both rates and the ratio. Uses
-the configured Kafka/PostgreSQL, else the local stack.
+the configured Kafka/PostgreSQL, else the local stack; the topics and databases are deleted at
+the end unless --keep.
 
-    .venv/bin/python -m bench.backfill [--events 100000] [--hours 4]
+    .venv/bin/python -m bench.backfill [--events 100000] [--hours 4] [--keep]
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import asyncio
 import os
 import sys
 import time
-import uuid
 
 from rich.console import Console
 
@@ -47,22 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--hours", type=int, default=4)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--keep", action="store_true", help="keep the bench's topics and databases")
     args = parser.parse_args(argv)
     err = Console(stderr=True)
-    settings, start, expected = prefilled("bench-backfill", args.events, args.hours, args.seed, err)
     total = args.events // args.hours * args.hours
+    with prefilled("bench-backfill", args.events, args.hours, args.seed, err, args.keep) as (settings, start, expected):
+        err.print("streamagg backfill of every hour, into a fresh database ...")
+        collect_less_often()  # as `streamagg backfill` does
+        hours = HourRange(start, start + args.hours * HOUR_MS)
+        report, backfill_seconds = asyncio.run(timed_backfill(settings, hours, expected))
+        if report.records != total:
+            raise SystemExit(f"the backfill replayed {report.records:,} records of {total:,}")
 
-    err.print("streamagg backfill of every hour, into a fresh database ...")
-    collect_less_often()  # as `streamagg backfill` does
-    hours = HourRange(start, start + args.hours * HOUR_MS)
-    report, backfill_seconds = asyncio.run(timed_backfill(settings, hours, expected))
-    if report.records != total:
-        raise SystemExit(f"the backfill replayed {report.records:,} records of {total:,}")
-
-    err.print("streamagg: one worker process over the same topics, into another fresh database ...")
-    database = asyncio.run(fresh_database(settings, f"streamagg_bench_backfill_worker_{uuid.uuid4().hex[:8]}"))
-    worker_seconds = worker_end_to_end(settings.model_copy(update={"database_url": settings.database_url.__class__(database)}),
-                                       total, expected, err)  # fmt: skip
+        err.print("streamagg: one worker process over the same topics, into another fresh database ...")
+        # Named after the bench's database, so that it goes with it.
+        database = asyncio.run(fresh_database(settings, settings.database_url.get_secret_value().rsplit("/", 1)[1] + "_worker"))
+        worker_seconds = worker_end_to_end(settings.model_copy(update={"database_url": settings.database_url.__class__(database)}),
+                                           total, expected, err)  # fmt: skip
     backfill_rate = total / backfill_seconds
     worker_rate = total / worker_seconds
     rows = report.hour_rows

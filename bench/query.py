@@ -35,7 +35,7 @@ from rich.console import Console
 
 from streamagg.aggregate import AggregateState
 from streamagg.buckets import DAY_MS, HOUR_MS, WEEK_MS, bucket_start_ms, rfc3339, to_datetime
-from streamagg.demo import env_without_settings, fresh_database, resolve_target
+from streamagg.demo import drop_database, env_without_settings, fresh_database, resolve_target
 from streamagg.events import Event, validate
 from streamagg.query import QueryRow, RangeQuery, query
 from streamagg.rollup import rollup
@@ -186,14 +186,6 @@ async def sizes(dsn: str) -> dict[str, Any]:
         await conn.close()
     return {"raw_rows": raw["rows"], "raw_bytes": raw["bytes"], "aggregate_bytes": aggregate_bytes,
             "aggregate_rows": {r["granularity"]: r["count"] for r in aggregates}}  # fmt: skip
-
-
-async def drop_database(settings: Settings, name: str) -> None:
-    conn = await asyncpg.connect(settings.database_url.get_secret_value().rsplit("/", 1)[0] + "/postgres")
-    try:
-        await conn.execute(f'DROP DATABASE "{name}"')
-    finally:
-        await conn.close()
 
 
 async def run(settings: Settings, args: argparse.Namespace, err: Console) -> tuple[list[Measured], dict[str, Any]]:

@@ -6,13 +6,16 @@ Pre-fills fresh topics with N generated events, then measures
       week row committed in PostgreSQL (rows compared with the exact counts of the same events).
 Prints both rates and the ratio. Uses the configured Kafka/PostgreSQL, else the local stack.
 
-    .venv/bin/python -m bench.throughput [--events 200000] [--hours 4]
+    .venv/bin/python -m bench.throughput [--events 200000] [--hours 4] [--keep]
+
+The topics and the database are deleted at the end unless --keep.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -22,19 +25,21 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from rich.console import Console
 
 from streamagg.buckets import HOUR_MS, bucket_start_ms
-from streamagg.demo import env_without_settings, fresh_database, resolve_target, wait_for_rows, worker_env
+from streamagg.demo import drop_database, env_without_settings, fresh_database, resolve_target, wait_for_rows, worker_env
 from streamagg.events import validate
 from streamagg.generate import generate
 from streamagg.oracle import exact_hours, exact_rollup
 from streamagg.settings import Settings, load_settings
 from streamagg.stack import free_port
 from streamagg.synth import Synth
-from streamagg.topics import source_topics
+from streamagg.topics import delete_topics, source_topics
 
 
 async def plain_consumer(bootstrap: str, topics: list[str], partitions: int, total: int) -> float:
@@ -114,28 +119,48 @@ def _when_aggregated(port: int, events: int, out: list[float]) -> None:
     out.append(time.monotonic())
 
 
-def prefilled(name: str, events: int, hours: int, seed: int, err: Console) -> tuple[Settings, int, dict]:
+@contextlib.contextmanager
+def prefilled(name: str, events: int, hours: int, seed: int, err: Console, keep: bool = False) -> Iterator[tuple[Settings, int, dict]]:
     """Fresh topics (8 partitions) holding ``events`` generated events over ``hours`` hours ending
-    an hour ago, a fresh database, and settings for a fast-closing worker; returns the settings,
-    the first hour and the exact count of every hour, day and week row."""
+    an hour ago, a fresh database, and settings for a fast-closing worker; yields the settings,
+    the first hour and the exact count of every hour, day and week row. Afterwards the topics
+    and the databases named after the run go, unless ``keep``."""
     settings = resolve_target(load_settings(), err)
     run = uuid.uuid4().hex[:8]
-    database = asyncio.run(fresh_database(settings, f"streamagg_{name}_{run}"))
+    database = f"streamagg_{name.replace('-', '_')}_{run}"
+    dsn = asyncio.run(fresh_database(settings, database))
     settings = settings.model_copy(update={
-        "database_url": settings.database_url.__class__(database), "topic_prefix": f"{name}-{run}.",
+        "database_url": settings.database_url.__class__(dsn), "topic_prefix": f"{name}-{run}.",
         "app_id": f"streamagg-{name}-{run}", "partitions": 8, "flush_interval_seconds": 1.0, "grace_seconds": 1,
         "session_timeout_seconds": 6.0, "metrics_port": free_port(),
     })  # fmt: skip
-    per_hour = events // hours
-    start = bucket_start_ms(int(time.time() * 1000), "hour") - (hours + 1) * HOUR_MS
-    err.print(f"pre-filling {per_hour * hours:,} events into {settings.topic_prefix}* ...")
-    asyncio.run(generate(settings, hours, per_hour, seed, start))
-    decoded = [validate(k, e) for k, _, e in Synth(seed).events(start, hours, per_hour)]
-    hours_exact = exact_hours(decoded)
-    expected = {"hour": {key: exact.count for key, exact in hours_exact.items()}}
-    for granularity in ("day", "week"):
-        expected[granularity] = {key: rolled.count for key, (rolled, _) in exact_rollup(hours_exact, granularity).items()}
-    return settings, start, expected
+    try:
+        per_hour = events // hours
+        start = bucket_start_ms(int(time.time() * 1000), "hour") - (hours + 1) * HOUR_MS
+        err.print(f"pre-filling {per_hour * hours:,} events into {settings.topic_prefix}* ...")
+        asyncio.run(generate(settings, hours, per_hour, seed, start))
+        decoded = [validate(k, e) for k, _, e in Synth(seed).events(start, hours, per_hour)]
+        hours_exact = exact_hours(decoded)
+        expected = {"hour": {key: exact.count for key, exact in hours_exact.items()}}
+        for granularity in ("day", "week"):
+            expected[granularity] = {key: rolled.count for key, (rolled, _) in exact_rollup(hours_exact, granularity).items()}
+        yield settings, start, expected
+    finally:
+        if keep:
+            err.print(f"kept the topics {settings.topic_prefix}* and the databases {database}*")
+        else:
+            asyncio.run(_drop_databases(settings, database))
+            delete_topics(settings, [settings.topic_prefix, settings.app_id])
+
+
+async def _drop_databases(settings: Settings, prefix: str) -> None:
+    conn = await asyncpg.connect(settings.database_url.get_secret_value().rsplit("/", 1)[0] + "/postgres", timeout=10)
+    try:
+        names = [r[0] for r in await conn.fetch("SELECT datname FROM pg_database WHERE starts_with(datname, $1)", prefix)]
+    finally:
+        await conn.close()
+    for name in names:
+        await drop_database(settings, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,16 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hours", type=int, default=4)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--profile", metavar="PATH", help="run the worker under pyinstrument, report to PATH")
+    parser.add_argument("--keep", action="store_true", help="keep the bench's topics and database")
     args = parser.parse_args(argv)
     err = Console(stderr=True)
-    settings, _, expected = prefilled("bench", args.events, args.hours, args.seed, err)
     total = args.events // args.hours * args.hours
-
-    err.print("baseline: plain aiokafka consumer, read + json.loads ...")
-    baseline_seconds = asyncio.run(plain_consumer(settings.kafka_bootstrap, list(source_topics(settings)), settings.partitions, total))
-
-    err.print("streamagg: one worker process, first read to last hour row committed ...")
-    worker_seconds = worker_end_to_end(settings, total, expected, err, args.profile)
+    with prefilled("bench", args.events, args.hours, args.seed, err, args.keep) as (settings, _, expected):
+        err.print("baseline: plain aiokafka consumer, read + json.loads ...")
+        baseline_seconds = asyncio.run(plain_consumer(settings.kafka_bootstrap, list(source_topics(settings)), settings.partitions, total))
+        err.print("streamagg: one worker process, first read to last hour row committed ...")
+        worker_seconds = worker_end_to_end(settings, total, expected, err, args.profile)
     baseline_rate = total / baseline_seconds
     worker_rate = total / worker_seconds
     print(f"events                      {total:>12,}")

@@ -153,6 +153,15 @@ async def fresh_database(settings: Settings, name: str) -> str:
     return f"{server}/{name}"
 
 
+async def drop_database(settings: Settings, name: str) -> None:
+    """Drop a database that :func:`fresh_database` made (a benchmark's, when it is done)."""
+    conn = await asyncpg.connect(settings.database_url.get_secret_value().rsplit("/", 1)[0] + "/postgres", timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 def worker_env(settings: Settings) -> dict[str, str]:
     import json
 

@@ -71,3 +71,18 @@ def ensure_topics(settings: Settings, names: list[str] | None = None) -> dict[st
         raise TopicError(f"cannot create topics on {settings.kafka_bootstrap}: {exc}") from exc
     finally:
         admin.close()
+
+
+def delete_topics(settings: Settings, prefixes: list[str]) -> list[str]:
+    """Delete every topic whose name starts with one of ``prefixes`` (a benchmark's, when it is
+    done: its source, dead-letter, changelog and Faust's own topics); returns their names."""
+    admin = _admin(settings)
+    try:
+        doomed = sorted(name for name in admin.list_topics() if name.startswith(tuple(prefixes)))
+        if doomed:
+            admin.delete_topics(doomed)
+        return doomed
+    except KafkaError as exc:
+        raise TopicError(f"cannot delete topics on {settings.kafka_bootstrap}: {exc}") from exc
+    finally:
+        admin.close()
