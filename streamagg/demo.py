@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .aggregate import Key
-from .buckets import HOUR_MS, Granularity, bucket_start_ms, to_datetime
+from .buckets import HOUR_MS, Granularity, bucket_start_ms, rfc3339, to_datetime
 from .dashboard import Accuracy, accuracy, dashboard
 from .errors import StreamaggError
 from .events import validate
@@ -123,6 +123,9 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console, err: Console)
         f"{produced.total:,} events, {sum(r.rows for r in results.values()):,} rows compared with exact values: "
         + ("[green]every row present; count, sum, min and max exact[/]" if ok else "[red]MISMATCH[/]")
     )
+    err.print(f"The rows stay in {settings.redacted_dsn()} for a look around, e.g.\n"
+              f"    STREAMAGG_DATABASE_URL={settings.redacted_dsn()} streamagg query --metric trace.duration_ms "
+              f"--dimension operation_type --from {rfc3339(start)} --to {rfc3339(end)}", soft_wrap=True)  # fmt: skip
     return ok
 
 
