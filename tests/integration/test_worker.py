@@ -4,6 +4,7 @@ late events re-flush, SIGKILL and two workers end with the oracle's rows."""
 from __future__ import annotations
 
 import json
+import random
 import signal
 import time
 from collections.abc import Callable
@@ -123,6 +124,33 @@ def test_sigkill_mid_stream_then_restart(scenario: Callable[..., Scenario]) -> N
     world.start_worker()
     wait_for("rows equal to the oracle after the restart", counts_match(world, oracle), world.workers)
     assert_equal_to_oracle(world, oracle)
+
+
+def test_killed_again_and_again_then_two_workers(scenario: Callable[..., Scenario]) -> None:
+    """Four workers in a row SIGKILLed at seeded random points of their progress (mid-batch,
+    mid-checkpoint, mid-flush or mid-roll-up, whichever it falls on), then two workers finish:
+    hour, day and week rows equal the oracle (days and weeks owed by the dead are rolled up too)."""
+    world = scenario(hours=3, per_hour=20_000, seed=31)
+    world.produce()
+    oracle = world.oracle()
+    total = world.hours * world.per_hour
+    rng = random.Random(7)
+    for _ in range(4):
+        worker, port = world.start_worker()
+        kill_at = total * rng.uniform(0.1, 0.5)  # records this process has processed (replays count)
+        wait_for(
+            f"the worker to process {kill_at:,.0f} records",
+            lambda: (metric(port, "observability_aggregation_records_processed_total") or 0) >= kill_at
+            or counts_match(world, oracle)(),
+            world.workers,
+        )
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    world.start_worker()
+    world.start_worker()
+    wait_for("rows equal to the oracle", counts_match(world, oracle), world.workers)
+    assert_equal_to_oracle(world, oracle)
+    assert_rollups_equal_oracle(world, oracle)
 
 
 def test_two_workers_in_one_group(scenario: Callable[..., Scenario]) -> None:
