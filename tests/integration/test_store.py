@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import pytest
 
 from streamagg.aggregate import AggregateState, roll_up
-from streamagg.buckets import HOUR_MS, bucket_start_ms, to_datetime
+from streamagg.buckets import HOUR_MS, bucket_start_ms, rfc3339, to_datetime
 from streamagg.rollup import rollup
 from streamagg.settings import Settings
 from streamagg.store import Store
@@ -145,6 +148,42 @@ def test_rollup_from_stored_hours(database: str, granularity: str) -> None:
             assert (again.inserted, again.updated) == (0, 0)
 
     asyncio.run(run())
+
+
+def test_rollup_command_writes_the_days_and_weeks_of_its_range(database: str) -> None:
+    """`streamagg rollup` (what the 01:00 schedule runs, by hand): the rows of buckets overlapping
+    [from, to) that hold hours, each the merge of its stored hours; run again, nothing changes."""
+    start = bucket_start_ms(START_MS, "week") - 6 * HOUR_MS  # Sunday 18:00 to Monday 05:00
+    events = make_events(hours=12, per_hour=200, seed=29, start_ms=start)
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    hours = state.rows()
+
+    async def load() -> None:
+        async with await open_store(database) as store:
+            await store.upsert_rows(hours)
+
+    async def stored(granularity: str) -> dict:
+        async with await open_store(database) as store:
+            rows = await store.fetch_rows(granularity, start - 7 * 24 * HOUR_MS, start + 8 * 24 * HOUR_MS)  # type: ignore[arg-type]
+            return {row.key: stats(row) for row in rows}
+
+    def command(granularity: str, first: int, end: int) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMAGG_")} | {"STREAMAGG_DATABASE_URL": database}
+        args = ["--granularity", granularity, "--from", rfc3339(first), "--to", rfc3339(end)]
+        done = subprocess.run([sys.executable, "-m", "streamagg", "rollup", *args], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    asyncio.run(load())
+    monday = bucket_start_ms(START_MS, "week")
+    days = [row for row in roll_up(hours, "day") if row.bucket_ms == monday]  # only Monday is in the range
+    assert command("day", monday + HOUR_MS, monday + 2 * HOUR_MS) == f"day rows: {len(days)} inserted, 0 updated, 0 unchanged"
+    assert asyncio.run(stored("day")) == {row.key: stats(row) for row in days}
+    weeks = roll_up(hours, "week")
+    assert command("week", start, start + 12 * HOUR_MS) == f"week rows: {len(weeks)} inserted, 0 updated, 0 unchanged"
+    assert asyncio.run(stored("week")) == {row.key: stats(row) for row in weeks}
+    assert command("week", start, start + 12 * HOUR_MS) == f"week rows: 0 inserted, 0 updated, {len(weeks)} unchanged"
 
 
 def test_a_rollup_reads_its_hours_only_once_it_holds_their_series(database: str) -> None:
