@@ -208,7 +208,10 @@ def migrate(settings: Settings) -> None:
 @_settings_options
 @_fail_cleanly
 def rollup(settings: Settings, granularity: str, start: int, end: int) -> None:
-    """Recompute day or week rows overlapping [from, to) by merging stored hour rows."""
+    """Recompute day or week rows overlapping [from, to) by merging stored hour rows.
+
+    Each batch of series is read and written under the same locks the workers' roll-ups take,
+    so it is safe to run while workers run (the 01:00 schedule does the same for yesterday)."""
     from .rollup import rollup as run_rollup
     from .store import Store
 
