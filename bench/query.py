@@ -35,7 +35,7 @@ from rich.console import Console
 
 from streamagg.aggregate import AggregateState
 from streamagg.buckets import DAY_MS, HOUR_MS, WEEK_MS, bucket_start_ms, rfc3339, to_datetime
-from streamagg.demo import drop_database, env_without_settings, fresh_database, resolve_target
+from streamagg.demo import drop_databases, env_without_settings, fresh_database, resolve_target
 from streamagg.events import Event, validate
 from streamagg.query import QueryRow, RangeQuery, query
 from streamagg.rollup import rollup
@@ -206,7 +206,7 @@ async def run(settings: Settings, args: argparse.Namespace, err: Console) -> tup
         return measured, await sizes(dsn)
     finally:
         if not args.keep:
-            await drop_database(settings, name)
+            await drop_databases(settings, name)
 
 
 def main(argv: list[str] | None = None) -> int:

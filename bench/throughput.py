@@ -27,12 +27,19 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 
-import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from rich.console import Console
 
 from streamagg.buckets import HOUR_MS, bucket_start_ms
-from streamagg.demo import drop_database, env_without_settings, fresh_database, resolve_target, wait_for_rows, worker_env
+from streamagg.demo import (
+    drop_databases,
+    env_without_settings,
+    exact_counts,
+    fresh_database,
+    resolve_target,
+    wait_for_rows,
+    worker_env,
+)
 from streamagg.events import validate
 from streamagg.generate import generate
 from streamagg.oracle import exact_hours, exact_rollup
@@ -141,26 +148,13 @@ def prefilled(name: str, events: int, hours: int, seed: int, err: Console, keep:
         asyncio.run(generate(settings, hours, per_hour, seed, start))
         decoded = [validate(k, e) for k, _, e in Synth(seed).events(start, hours, per_hour)]
         hours_exact = exact_hours(decoded)
-        expected = {"hour": {key: exact.count for key, exact in hours_exact.items()}}
-        for granularity in ("day", "week"):
-            expected[granularity] = {key: rolled.count for key, (rolled, _) in exact_rollup(hours_exact, granularity).items()}
-        yield settings, start, expected
+        yield settings, start, exact_counts(hours_exact, {g: exact_rollup(hours_exact, g) for g in ("day", "week")})
     finally:
         if keep:
             err.print(f"kept the topics {settings.topic_prefix}* and the databases {database}*")
         else:
-            asyncio.run(_drop_databases(settings, database))
+            asyncio.run(drop_databases(settings, database))
             delete_topics(settings, [settings.topic_prefix, settings.app_id])
-
-
-async def _drop_databases(settings: Settings, prefix: str) -> None:
-    conn = await asyncpg.connect(settings.database_url.get_secret_value().rsplit("/", 1)[0] + "/postgres", timeout=10)
-    try:
-        names = [r[0] for r in await conn.fetch("SELECT datname FROM pg_database WHERE starts_with(datname, $1)", prefix)]
-    finally:
-        await conn.close()
-    for name in names:
-        await drop_database(settings, name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import asyncpg
@@ -31,7 +32,7 @@ from .dashboard import Accuracy, accuracy, dashboard
 from .errors import StreamaggError
 from .events import validate
 from .generate import generate
-from .oracle import exact_hours, exact_rollup
+from .oracle import Exact, exact_hours, exact_rollup
 from .settings import Settings
 from .stack import Stack, free_port
 from .store import Store
@@ -76,8 +77,7 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console, err: Console)
     events = [validate(kind, event) for kind, _, event in Synth(plan.seed).events(start, plan.hours, plan.events_per_hour)]
     hours = exact_hours(events)
     rolled = {granularity: exact_rollup(hours, granularity) for granularity in ("day", "week")}
-    expected = {"hour": {key: exact.count for key, exact in hours.items()}}
-    expected |= {granularity: {key: exact.count for key, (exact, _) in rows.items()} for granularity, rows in rolled.items()}
+    expected = exact_counts(hours, rolled)
 
     err.print(f"[bold]2.[/] running the worker on {produced.total:,} events; metrics on "
               f"http://{settings.metrics_host}:{settings.metrics_port}/metrics")  # fmt: skip
@@ -121,7 +121,7 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console, err: Console)
         f"{produced.total:,} events, {sum(r.rows for r in results.values()):,} rows compared with exact values: "
         + ("[green]every row present; count, sum, min and max exact[/]" if ok else "[red]MISMATCH[/]")
     )
-    err.print(f"The rows stay in {settings.redacted_dsn()} for a look around, e.g.\n"
+    err.print(f"The rows stay in {settings.redacted_dsn()} for a look around, e.g. (`./dev streamagg` in a checkout):\n"
               f"    STREAMAGG_DATABASE_URL={settings.redacted_dsn()} streamagg query --metric trace.duration_ms "
               f"--dimension operation_type --from {rfc3339(start)} --to {rfc3339(end)}", soft_wrap=True)  # fmt: skip
     return ok
@@ -140,27 +140,46 @@ def resolve_target(settings: Settings, err: Console) -> Settings:
     )
 
 
-async def fresh_database(settings: Settings, name: str) -> str:
-    dsn = settings.database_url.get_secret_value()
-    server = dsn.rsplit("/", 1)[0]
+async def _server(settings: Settings) -> asyncpg.Connection:
+    """A connection to the maintenance database of the configured server."""
     try:
-        conn = await asyncpg.connect(f"{server}/postgres", timeout=10)
+        return await asyncpg.connect(settings.database_url.get_secret_value().rsplit("/", 1)[0] + "/postgres", timeout=10)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DemoFailed(f"cannot reach PostgreSQL at {settings.redacted_dsn()}: {type(exc).__name__}") from None
+
+
+async def fresh_database(settings: Settings, name: str) -> str:
+    conn = await _server(settings)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return f"{server}/{name}"
+    return settings.database_url.get_secret_value().rsplit("/", 1)[0] + f"/{name}"
 
 
-async def drop_database(settings: Settings, name: str) -> None:
-    """Drop a database that :func:`fresh_database` made (a benchmark's, when it is done)."""
-    conn = await asyncpg.connect(settings.database_url.get_secret_value().rsplit("/", 1)[0] + "/postgres", timeout=10)
+async def drop_databases(settings: Settings, name: str) -> None:
+    """Drop the database ``name`` that :func:`fresh_database` made, and those named after it
+    (``name_...``): a benchmark's, when it is done."""
+    conn = await _server(settings)
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        doomed = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname = $1 OR starts_with(datname, $1 || '_')", name
+        )
+        for (datname,) in doomed:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{datname}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+def exact_counts(
+    hours: Mapping[Key, Exact], rolled: Mapping[Granularity, Mapping[Key, tuple[Exact, float]]]
+) -> dict[Granularity, dict[Key, int]]:
+    """Every hour row's exact count and, from ``rolled`` (:func:`exact_rollup` per granularity),
+    every day and week row's: what :func:`wait_for_rows` and :func:`rows_match` expect."""
+    counts: dict[Granularity, dict[Key, int]] = {"hour": {key: exact.count for key, exact in hours.items()}}
+    for granularity, rows in rolled.items():
+        counts[granularity] = {key: exact.count for key, (exact, _) in rows.items()}
+    return counts
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
