@@ -480,6 +480,13 @@ def roll_up_rows(
             if keep is None or key in keep:
                 groups[granularity].setdefault(key, []).append(index)
     decoded: dict[int, Agg] = {}
+
+    def agg_of(index: int) -> Agg:
+        agg = decoded.get(index)
+        if agg is None:
+            agg = decoded[index] = Agg.from_row(hours[index])
+        return agg
+
     made: dict[tuple[int, ...], Row] = {}
     out: dict[Granularity, list[Row]] = {}
     for granularity, buckets in groups.items():
@@ -491,15 +498,10 @@ def roll_up_rows(
                 if len(run) == 1:
                     source = hours[run[0]]
                 else:
-                    merged: Agg | None = None
-                    for i in run:
-                        part = decoded.get(i)
-                        if part is None:
-                            part = decoded[i] = Agg.from_row(hours[i])
-                        if merged is None:
-                            merged = part.empty_like()
+                    parts = [agg_of(i) for i in run]
+                    merged = parts[0].empty_like()
+                    for part in parts:
                         merged.merge(part)
-                    assert merged is not None
                     source = merged.to_row(key, granularity)
                 made[run] = source
             rolled.append(_moved(source, key[0], granularity))

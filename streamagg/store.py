@@ -467,7 +467,7 @@ class Store:
         found: dict[Key, list[tuple[int, Agg]]] = {}
         for record in records:
             key = _record_key(record)
-            found.setdefault(key, []).append((record["source_partition"], _agg_from_record(record, key)))
+            found.setdefault(key, []).append((record["source_partition"], _agg_from_partial(record, key)))
         return found
 
     async def rolled_up(self, queued_by: str | None = None, ids: Sequence[int] = ()) -> None:
@@ -720,15 +720,14 @@ def _partial_columns(
     ]
 
 
-def _agg_from_record(record: asyncpg.Record, key: Key) -> Agg:
-    """The aggregate of a stored final row or partial (a partial's exact sum from its parts)."""
+def _agg_from_partial(record: asyncpg.Record, key: Key) -> Agg:
+    """The aggregate of a stored partial, its exact sum from the stored parts."""
     fingerprint, sketch = record["value_fingerprint"], record["sketch"]
     agg = Agg.from_stored(
-        record["count"], record.get("sum_value"), record["min_value"], record["max_value"],
-        bytes(sketch) if sketch is not None else None, record["sketch_kind"],
-        exact.from_signed64(fingerprint) if fingerprint is not None else None, key,
+        record["count"], None, record["min_value"], record["max_value"], bytes(sketch) if sketch is not None else None,
+        record["sketch_kind"], exact.from_signed64(fingerprint) if fingerprint is not None else None, key,
     )  # fmt: skip
-    if agg.sketch is not None and "sum_parts" in record:
+    if agg.sketch is not None:
         parts = record["sum_parts"] or b""
         agg.total = exact.exact_sum(struct.unpack(f"<{len(parts) // 8}d", parts))
     return agg
