@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -13,7 +15,7 @@ from streamagg.aggregate import AggregateState, roll_up
 from streamagg.buckets import HOUR_MS, bucket_start_ms, rfc3339, to_datetime
 from streamagg.rollup import rollup
 from streamagg.settings import Settings
-from streamagg.store import Store
+from streamagg.store import Store, WriteResult
 from streamagg.oracle import exact_hours
 from tests.unit.test_aggregate import START_MS, assert_row_matches, kinds, make_events, stats
 
@@ -128,33 +130,33 @@ def test_partials_from_partitions_merge_to_the_oracle(database: str) -> None:
     asyncio.run(run())
 
 
+def _rollup_by_function(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int]:
+    async def run() -> WriteResult:
+        async with await open_store(database) as store:
+            return await rollup(store, granularity, start, end)  # type: ignore[arg-type]
+
+    result = asyncio.run(run())
+    return result.inserted, result.updated, result.unchanged
+
+
+def _rollup_by_command(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int]:
+    """`streamagg rollup` (what the 01:00 schedule runs, by hand), its printed counts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMAGG_")} | {"STREAMAGG_DATABASE_URL": database}
+    args = ["--granularity", granularity, "--from", rfc3339(start), "--to", rfc3339(end)]
+    done = subprocess.run([sys.executable, "-m", "streamagg", "rollup", *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = re.fullmatch(rf"{granularity} rows: (\d+) inserted, (\d+) updated, (\d+) unchanged", done.stdout.strip())
+    assert printed, done.stdout
+    return int(printed[1]), int(printed[2]), int(printed[3])
+
+
+@pytest.mark.parametrize("by", [_rollup_by_function, _rollup_by_command], ids=["function", "command"])
 @pytest.mark.parametrize("granularity", ["day", "week"])
-def test_rollup_from_stored_hours(database: str, granularity: str) -> None:
+def test_rollup_from_stored_hours(database: str, granularity: str, by: Callable[..., tuple[int, int, int]]) -> None:
+    """Rows of the buckets overlapping [from, to) that hold hours, each the merge of its stored
+    hours; a wider range adds the rest; run again, nothing changes."""
     start = bucket_start_ms(START_MS, "week") - 6 * HOUR_MS  # crosses a day and a week boundary
     events = make_events(hours=30, per_hour=300, seed=24, start_ms=start)
-    state = AggregateState(kinds(), 10_000)
-    state.ingest(events)
-    hours = state.rows()
-
-    async def run() -> None:
-        async with await open_store(database) as store:
-            await store.upsert_rows(hours)
-            result = await rollup(store, granularity, start, start + 30 * HOUR_MS)  # type: ignore[arg-type]
-            expected = {row.key: row for row in roll_up(hours, granularity)}  # type: ignore[arg-type]
-            assert result.inserted == len(expected)
-            stored = await store.fetch_rows(granularity, start - 7 * 24 * HOUR_MS, start + 8 * 24 * HOUR_MS)  # type: ignore[arg-type]
-            assert {row.key: stats(row) for row in stored} == {key: stats(row) for key, row in expected.items()}
-            again = await rollup(store, granularity, start, start + 30 * HOUR_MS)  # type: ignore[arg-type]
-            assert (again.inserted, again.updated) == (0, 0)
-
-    asyncio.run(run())
-
-
-def test_rollup_command_writes_the_days_and_weeks_of_its_range(database: str) -> None:
-    """`streamagg rollup` (what the 01:00 schedule runs, by hand): the rows of buckets overlapping
-    [from, to) that hold hours, each the merge of its stored hours; run again, nothing changes."""
-    start = bucket_start_ms(START_MS, "week") - 6 * HOUR_MS  # Sunday 18:00 to Monday 05:00
-    events = make_events(hours=12, per_hour=200, seed=29, start_ms=start)
     state = AggregateState(kinds(), 10_000)
     state.ingest(events)
     hours = state.rows()
@@ -163,27 +165,21 @@ def test_rollup_command_writes_the_days_and_weeks_of_its_range(database: str) ->
         async with await open_store(database) as store:
             await store.upsert_rows(hours)
 
-    async def stored(granularity: str) -> dict:
+    async def stored() -> dict:
         async with await open_store(database) as store:
             rows = await store.fetch_rows(granularity, start - 7 * 24 * HOUR_MS, start + 8 * 24 * HOUR_MS)  # type: ignore[arg-type]
             return {row.key: stats(row) for row in rows}
 
-    def command(granularity: str, first: int, end: int) -> str:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMAGG_")} | {"STREAMAGG_DATABASE_URL": database}
-        args = ["--granularity", granularity, "--from", rfc3339(first), "--to", rfc3339(end)]
-        done = subprocess.run([sys.executable, "-m", "streamagg", "rollup", *args], env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
-
     asyncio.run(load())
+    expected = {row.key: stats(row) for row in roll_up(hours, granularity)}  # type: ignore[arg-type]
     monday = bucket_start_ms(START_MS, "week")
-    days = [row for row in roll_up(hours, "day") if row.bucket_ms == monday]  # only Monday is in the range
-    assert command("day", monday + HOUR_MS, monday + 2 * HOUR_MS) == f"day rows: {len(days)} inserted, 0 updated, 0 unchanged"
-    assert asyncio.run(stored("day")) == {row.key: stats(row) for row in days}
-    weeks = roll_up(hours, "week")
-    assert command("week", start, start + 12 * HOUR_MS) == f"week rows: {len(weeks)} inserted, 0 updated, 0 unchanged"
-    assert asyncio.run(stored("week")) == {row.key: stats(row) for row in weeks}
-    assert command("week", start, start + 12 * HOUR_MS) == f"week rows: 0 inserted, 0 updated, {len(weeks)} unchanged"
+    inside = {key: row for key, row in expected.items() if key[0] == bucket_start_ms(monday, granularity)}  # type: ignore[arg-type]
+    assert 0 < len(inside) < len(expected)
+    assert by(database, granularity, monday + HOUR_MS, monday + 2 * HOUR_MS) == (len(inside), 0, 0)
+    assert asyncio.run(stored()) == inside
+    assert by(database, granularity, start, start + 30 * HOUR_MS) == (len(expected) - len(inside), 0, len(inside))
+    assert asyncio.run(stored()) == expected
+    assert by(database, granularity, start, start + 30 * HOUR_MS) == (0, 0, len(expected))
 
 
 def test_a_rollup_reads_its_hours_only_once_it_holds_their_series(database: str) -> None:
