@@ -250,9 +250,9 @@ class Runtime:
         self.pipeline.revoke({(tp.topic, tp.partition) for tp in revoked})
         self._recovered = None  # the next assignment recovers the table again
 
-    def health(self) -> list:
-        """Per-partition state for the scrape; consumer lag from the fetcher's last known end
-        offsets (read from the scrape thread: plain integers, a stale value at worst)."""
+    def log_ends(self) -> dict[TopicPartition, int]:
+        """The owned partitions' end offsets as the fetcher last saw them (plain integers, also
+        read from the scrape thread: a stale value at worst); none before the first fetch."""
         ends: dict[TopicPartition, int] = {}
         try:
             consumer = self.app.consumer
@@ -260,9 +260,13 @@ class Runtime:
                 end = consumer.highwater(TP(topic, partition))
                 if end is not None and end >= 0:
                     ends[(topic, partition)] = end
-        except Exception:  # not started, or stopping: lag is simply not reported
-            log.debug("no end offsets for the lag gauge", exc_info=True)
-        return self.pipeline.health(ends)
+        except Exception:  # not started, or stopping: no end is known
+            log.debug("no end offsets from the consumer", exc_info=True)
+        return ends
+
+    def health(self) -> list:
+        """Per-partition state for the scrape, consumer lag from :meth:`log_ends`."""
+        return self.pipeline.health(self.log_ends())
 
     # -- consuming ---------------------------------------------------------------------------
     async def consume(self, batch: SourceBatch, generation: int) -> SourceBatch:
@@ -369,7 +373,11 @@ class Runtime:
             except StoreError as exc:
                 self._failed("connect", exc)
                 return
-            items = [item for item in self.pipeline.flushable() if item.items]
+            items = [item for item in self.pipeline.flushable(self.log_ends()) if item.items]
+            if items:
+                import sys as _s
+                _t0 = time.monotonic()
+                print(f"FLUSH {_t0:.2f} parts={len(items)} keys={sum(len(i.items) for i in items)} distinct={len({k for i in items for k,_ in i.items})} tps={sorted({i.topic.split('.')[-1][:4]+str(i.partition) for i in items})}", file=_s.stderr, flush=True)
             # Chunks follow the key lock stripes, so lanes of consecutive chunks seldom wait for
             # each other's locks.
             chunks = _chunks(items, FLUSH_KEYS_PER_TRANSACTION)

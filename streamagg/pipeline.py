@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .aggregate import Agg, Key
@@ -165,9 +165,13 @@ class Pipeline:
         return {tp: state.offset for tp, state in self.states.items()}
 
     # -- flushing ----------------------------------------------------------------------------
-    def flushable(self) -> list[Flushable]:
+    def flushable(self, log_ends: Mapping[TopicPartition, int] | None = None) -> list[Flushable]:
+        """Changed keys of closed hours, per partition; ``log_ends`` (the consumer's end offsets)
+        tell which partitions have read everything, the only ones whose hours close when idle."""
         out = []
         for (topic, partition), state in self.states.items():
+            if log_ends is not None:
+                state.end_offset = log_ends.get((topic, partition), state.end_offset)
             items = state.take_flushable(self._grace_ms, self._idle_ms)
             if items:
                 closed = max(key[0] for key, _ in items) + HOUR_MS + self._grace_ms

@@ -8,7 +8,7 @@ import pytest
 
 from streamagg.aggregate import AggregateState
 from streamagg.buckets import HOUR_MS
-from streamagg.state import PartitionState, decode_key
+from streamagg.state import MEMORY_REFRESH_MS, MEMORY_SAMPLE, STALLED_IDLE_FACTOR, PartitionState, decode_key
 from tests.unit.test_aggregate import START_MS, kinds, make_events, stats
 
 LATENESS_MS = 48 * HOUR_MS
@@ -109,6 +109,39 @@ def test_hours_close_on_watermark_or_when_idle() -> None:
     # an idle partition closes the second hour on the wall clock
     clock.now = START_MS + 2 * HOUR_MS + grace + 120_000
     assert {key[0] for key, _ in state.take_flushable(grace, idle_ms=60_000)} == {START_MS + HOUR_MS}
+
+
+def test_a_partition_with_records_left_to_read_is_not_idle() -> None:
+    grace, idle = 300_000, 60_000
+    clock = Clock(START_MS + HOUR_MS + grace)  # a backlog: the wall clock passed the hour already
+    events = [e for e in make_events(hours=1, per_hour=50, seed=9) if e.time_ms < START_MS + HOUR_MS]
+    state = new_state(clock)
+    state.ingest(list(enumerate(events)), LATENESS_MS)  # offsets 0..49
+    clock.now += idle  # quiet for the idle time
+    state.end_offset = len(events) + 10  # but ten records wait unread (a backlog's slow fetch)
+    assert state.take_flushable(grace, idle_ms=idle) == []
+    clock.now += (STALLED_IDLE_FACTOR - 1) * idle  # quiet that long, the records count as absent
+    assert {key[0] for key, _ in state.take_flushable(grace, idle_ms=idle)} == {START_MS}
+    state.ingest([(len(events), events[0])], LATENESS_MS)  # (one more event of the hour)
+    state.end_offset = len(events) + 1  # read to the end
+    assert state.take_flushable(grace, idle_ms=idle) == []  # just read: not idle yet
+    clock.now += idle
+    assert {key[0] for key, _ in state.take_flushable(grace, idle_ms=idle)} == {START_MS}
+
+
+def test_the_memory_gauge_samples_and_refreshes() -> None:
+    clock = Clock(START_MS)
+    state = new_state(clock)
+    state.ingest(list(enumerate(make_events(hours=1, per_hour=3_000, seed=10))), LATENESS_MS)
+    aggs = list(state.aggregates.values())
+    assert len(aggs) > 2 * MEMORY_SAMPLE  # the gauge samples
+    every = sum(200 + (a.sketch.memory_bytes if a.sketch is not None else 0) for a in aggs)
+    estimate = state.estimated_bytes()
+    assert 0.8 * every <= estimate <= 1.25 * every
+    state.ingest([(10**6 + i, e) for i, e in enumerate(make_events(hours=1, per_hour=3_000, seed=11))], LATENESS_MS)
+    assert state.estimated_bytes() == estimate  # until MEMORY_REFRESH_MS passed
+    clock.now += MEMORY_REFRESH_MS
+    assert state.estimated_bytes() > estimate
 
 
 def test_eviction_tombstones_old_hours() -> None:
