@@ -7,6 +7,7 @@ three days after multiples of seven days since the epoch.
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -43,8 +44,10 @@ def width_ms(granularity: Granularity) -> int:
     return _WIDTH_MS[granularity]
 
 
+@functools.lru_cache(maxsize=4096)
 def to_datetime(time_ms: int) -> datetime:
-    """Aware UTC datetime of an epoch-millisecond time."""
+    """Aware UTC datetime of an epoch-millisecond time (cached: the store converts a bucket
+    start for every row it writes or reads, and a flush holds thousands of rows of few buckets)."""
     return EPOCH + timedelta(milliseconds=time_ms)
 
 
