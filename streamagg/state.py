@@ -21,6 +21,7 @@ import struct
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from sketches import Kind
 
@@ -143,6 +144,7 @@ class PartitionState:
         self.position: int | None = None  # the next offset expected from the consumer
         self._hole: tuple[int, int, int] | None = None  # (first missing offset, re-reads, when)
         self._checkpoint_dirty: set[Key] = set()
+        self._encoded_keys: dict[Key, bytes] = {}  # checkpoint keys of held aggregates (a key is checkpointed often)
         self._flush_dirty: defaultdict[int, set[Key]] = defaultdict(set)  # by hour: flush goes by hour
 
     # -- recovery ----------------------------------------------------------------------------
@@ -269,9 +271,17 @@ class PartitionState:
         """Records for the keys changed since the last call, then the meta record (last, so a
         crash mid-way leaves the previous meta). Evicted keys get tombstones (None)."""
         records: list[tuple[bytes, bytes | None]] = []
-        for key in sorted(self._checkpoint_dirty, key=repr):
-            value = encode_value(self.offset, self.aggregates[key]) if key in self.aggregates else None
-            records.append((encode_key(self.topic, self.partition, key), value))
+        encoded = self._encoded_keys
+        for key in self._checkpoint_dirty:
+            data = encoded.get(key)
+            if data is None:
+                data = encoded[key] = encode_key(self.topic, self.partition, key)
+            if key in self.aggregates:
+                records.append((data, encode_value(self.offset, self.aggregates[key])))
+            else:
+                records.append((data, None))
+                del encoded[key]
+        records.sort(key=itemgetter(0))
         self._checkpoint_dirty.clear()
         records.append((meta_key(self.topic, self.partition), encode_meta(self.offset, self.watermark_ms)))
         return records
