@@ -296,10 +296,15 @@ class Sketch:
 
     # -- bytes -----------------------------------------------------------------------------
     def serialize(self) -> bytes:
-        # A listed sketch is serialised through a library object built for the occasion and
-        # dropped: the list stays the (small) state.
-        impl = self._impl if self._values is None else self._new_impl(self.kind, self._values)
-        data = bytes(impl.serialize())  # type: ignore[attr-defined]
+        # A listed sketch is serialised as the library object it stands for would be: REQ's
+        # bytes written directly, KLL's through a library object built for the occasion and
+        # dropped. The list stays the (small) state.
+        values = self._values
+        if values and self.kind.family == "req-hra":
+            data = _layout.req_exact_bytes(self.kind.k, values)
+        else:
+            impl = self._impl if values is None else self._new_impl(self.kind, values)
+            data = bytes(impl.serialize())  # type: ignore[attr-defined]
         _trust(str(self.kind), data)  # the library wrote them: reading them back needs no check
         return data
 

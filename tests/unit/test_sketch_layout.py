@@ -27,7 +27,7 @@ import datasketches as ds
 import numpy as np
 import pytest
 
-from sketches._layout import check_kll_doubles, check_req_floats
+from sketches._layout import check_kll_doubles, check_req_floats, req_exact_bytes
 from sketches.errors import CorruptSketchError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -94,6 +94,43 @@ def test_req_library_bytes_pass(n: int, k: int, hra: bool) -> None:
     check_req_floats(data)
     check_req_floats(data, k=k, hra=hra)
     _deserialize_and_query(ds.req_floats_sketch, data, n)
+
+
+def _req_exact_cases(seed: int) -> list[tuple[int, list[float]]]:
+    """(k, items) with 1 to 16 items: heavy-tailed, integral, repeated, tiny and subnormal, at
+    float32's largest, and doubles that float32 rounds (up, down, to even)."""
+    rng = random.Random(seed)
+    f32_max = float(np.finfo(np.float32).max)
+    draws = [
+        lambda: rng.lognormvariate(5, 2),
+        lambda: float(rng.randrange(0, 10_000)),
+        lambda: rng.choice([0.0, 1.0, 2.5]),
+        lambda: rng.uniform(0, 1e-40),
+        lambda: rng.choice([5e-324, 1e-45, 1.5e-45, f32_max, 3.4e38]),
+        lambda: 1.0 + rng.randrange(1 << 30) * 2.0**-52,
+        lambda: rng.random() * 1e6,
+    ]
+    out = []
+    for _ in range(300):
+        draw = rng.choice(draws)
+        out.append((2 * rng.randrange(2, 128), [draw() for _ in range(rng.randrange(1, 17))]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_req_exact_bytes_are_the_librarys(seed: int) -> None:
+    for k, items in _req_exact_cases(seed):
+        sketch = ds.req_floats_sketch(k, True)
+        for item in items:
+            sketch.update(item)
+        assert req_exact_bytes(k, items) == bytes(sketch.serialize()), (k, items)
+
+
+def test_req_exact_bytes_refuse_what_would_compact() -> None:
+    with pytest.raises(ValueError):
+        req_exact_bytes(4, [1.0] * 24)  # 24 fill level 0 of k=4: the library compacts
+    with pytest.raises(ValueError):
+        req_exact_bytes(12, [])
 
 
 @pytest.mark.parametrize("k", KLL_KS)
