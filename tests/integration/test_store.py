@@ -319,10 +319,11 @@ def test_retired_partials_and_orphans_leave_exactly_the_replayed_rows(database: 
 
 
 def test_reading_other_partials_probes_the_index_per_key(database: str) -> None:
-    """A flush reads the other partitions' partials of its keys: one index probe per key, never
+    """A flush reads the other partitions' partials of its keys (in the statement that writes its
+    own): one index probe per key, never
     a scan (and sort) of the whole partials table, which grows with time while a flush's keys
     do not. Planned on a table of 60,000 partials with fresh statistics."""
-    from streamagg.store import PARTIALS, _SELECT_OTHER_PARTIALS
+    from streamagg.store import _WRITE_PARTIALS, PARTIALS
 
     async def run() -> str:
         async with await open_store(database) as store:
@@ -334,10 +335,11 @@ def test_reading_other_partials_probes_the_index_per_key(database: str) -> None:
             )
             await store.analyze()
             keys = [(to_datetime(h * HOUR_MS), "trace.duration_ms", "user_id", f"u{u}") for u in range(1000) for h in range(5)]
-            columns = [list(c) for c in zip(*keys)]
-            applied = [[*columns[0]], [*columns[1]], [*columns[2]], [*columns[3]], [0] * len(keys)]
+            n = len(keys)
+            partials = [*(list(c) for c in zip(*keys)), [0] * n, [1] * n, [None] * n, [1.0] * n, [1.0] * n,
+                        [None] * n, [None] * n, [None] * n, [0] * n]  # fmt: skip
             async with store._pool.acquire() as conn:
-                plan = await conn.fetch("EXPLAIN " + _SELECT_OTHER_PARTIALS, *columns, *applied)
+                plan = await conn.fetch("EXPLAIN " + _WRITE_PARTIALS, *partials, [], [], [], [])
             return "\n".join(row[0] for row in plan)
 
     plan = asyncio.run(run())
