@@ -374,10 +374,6 @@ class Runtime:
                 self._failed("connect", exc)
                 return
             items = [item for item in self.pipeline.flushable(self.log_ends()) if item.items]
-            if items:
-                import sys as _s
-                _t0 = time.monotonic()
-                print(f"FLUSH {_t0:.2f} parts={len(items)} keys={sum(len(i.items) for i in items)} distinct={len({k for i in items for k,_ in i.items})} tps={sorted({i.topic.split('.')[-1][:4]+str(i.partition) for i in items})}", file=_s.stderr, flush=True)
             # Chunks follow the key lock stripes, so lanes of consecutive chunks seldom wait for
             # each other's locks.
             chunks = _chunks(items, FLUSH_KEYS_PER_TRANSACTION)
