@@ -189,11 +189,6 @@ class Pipeline:
     def evict(self) -> int:
         return sum(state.evict(self._max_lateness_ms, self._grace_ms) for state in self.states.values())
 
-    def caught_up_to(self) -> int | None:
-        """The oldest watermark over owned partitions (None before any event)."""
-        marks = [s.watermark_ms for s in self.states.values() if s.watermark_ms is not None]
-        return min(marks) if marks else None
-
     def health(self, end_offsets: dict[TopicPartition, int] | None = None) -> list[PartitionHealth]:
         now = self._clock()
         out = []
