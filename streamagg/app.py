@@ -250,9 +250,10 @@ class Runtime:
         self.pipeline.revoke({(tp.topic, tp.partition) for tp in revoked})
         self._recovered = None  # the next assignment recovers the table again
 
-    def log_ends(self) -> dict[TopicPartition, int]:
-        """The owned partitions' end offsets as the fetcher last saw them (plain integers, also
-        read from the scrape thread: a stale value at worst); none before the first fetch."""
+    def _note_log_ends(self) -> None:
+        """Tell the pipeline the owned partitions' end offsets as the fetcher last saw them
+        (plain integers, also from the scrape thread: a stale value at worst); none before the
+        first fetch."""
         ends: dict[TopicPartition, int] = {}
         try:
             consumer = self.app.consumer
@@ -262,11 +263,12 @@ class Runtime:
                     ends[(topic, partition)] = end
         except Exception:  # not started, or stopping: no end is known
             log.debug("no end offsets from the consumer", exc_info=True)
-        return ends
+        self.pipeline.saw_log_ends(ends)
 
     def health(self) -> list:
-        """Per-partition state for the scrape, consumer lag from :meth:`log_ends`."""
-        return self.pipeline.health(self.log_ends())
+        """Per-partition state for the scrape, consumer lag from the log ends last seen."""
+        self._note_log_ends()
+        return self.pipeline.health()
 
     # -- consuming ---------------------------------------------------------------------------
     async def consume(self, batch: SourceBatch, generation: int) -> SourceBatch:
@@ -373,7 +375,8 @@ class Runtime:
             except StoreError as exc:
                 self._failed("connect", exc)
                 return
-            items = [item for item in self.pipeline.flushable(self.log_ends()) if item.items]
+            self._note_log_ends()  # an idle partition closes its hours only once read to the end
+            items = [item for item in self.pipeline.flushable() if item.items]
             # Chunks follow the key lock stripes, so lanes of consecutive chunks seldom wait for
             # each other's locks.
             chunks = _chunks(items, FLUSH_KEYS_PER_TRANSACTION)

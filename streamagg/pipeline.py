@@ -165,13 +165,18 @@ class Pipeline:
         return {tp: state.offset for tp, state in self.states.items()}
 
     # -- flushing ----------------------------------------------------------------------------
-    def flushable(self, log_ends: Mapping[TopicPartition, int] | None = None) -> list[Flushable]:
-        """Changed keys of closed hours, per partition; ``log_ends`` (the consumer's end offsets)
-        tell which partitions have read everything, the only ones whose hours close when idle."""
+    def saw_log_ends(self, ends: Mapping[TopicPartition, int]) -> None:
+        """The consumer's end offsets of owned partitions: which partitions have read everything
+        (the only ones whose hours close when idle), and their lag."""
+        for tp, end in ends.items():
+            state = self.states.get(tp)
+            if state is not None:
+                state.end_offset = end
+
+    def flushable(self) -> list[Flushable]:
+        """Changed keys of closed hours, per partition."""
         out = []
         for (topic, partition), state in self.states.items():
-            if log_ends is not None:
-                state.end_offset = log_ends.get((topic, partition), state.end_offset)
             items = state.take_flushable(self._grace_ms, self._idle_ms)
             if items:
                 closed = max(key[0] for key, _ in items) + HOUR_MS + self._grace_ms
@@ -189,20 +194,17 @@ class Pipeline:
     def evict(self) -> int:
         return sum(state.evict(self._max_lateness_ms, self._grace_ms) for state in self.states.values())
 
-    def health(self, end_offsets: dict[TopicPartition, int] | None = None) -> list[PartitionHealth]:
+    def health(self) -> list[PartitionHealth]:
         now = self._clock()
         out = []
         for (topic, partition), state in list(self.states.items()):
-            lag = None
-            if end_offsets and (topic, partition) in end_offsets:
-                lag = max(0, end_offsets[(topic, partition)] - 1 - state.offset)
             out.append(
                 PartitionHealth(
                     topic=topic,
                     partition=partition,
                     open_buckets=state.open_keys,
                     open_bytes=state.estimated_bytes(),
-                    consumer_lag_records=lag,
+                    consumer_lag_records=state.unread,
                     watermark_lag_seconds=None if state.watermark_ms is None else (now - state.watermark_ms) / 1000,
                 )
             )

@@ -307,8 +307,12 @@ class PartitionState:
         quiet = self._clock() - self.last_event_at
         if quiet < idle_ms:
             return False
-        caught_up = self.end_offset is None or self.offset + 1 >= self.end_offset
-        return caught_up or quiet >= STALLED_IDLE_FACTOR * idle_ms
+        return self.unread in (None, 0) or quiet >= STALLED_IDLE_FACTOR * idle_ms
+
+    @property
+    def unread(self) -> int | None:
+        """Records between the state and the log end the consumer last saw (None: none seen yet)."""
+        return None if self.end_offset is None else max(0, self.end_offset - 1 - self.offset)
 
     def take_flushable(self, grace_ms: int, idle_ms: int) -> list[tuple[Key, Agg]]:
         """Changed keys of closed hours, to write to the database; they are marked clean."""

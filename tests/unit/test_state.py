@@ -118,12 +118,15 @@ def test_a_partition_with_records_left_to_read_is_not_idle() -> None:
     state = new_state(clock)
     state.ingest(list(enumerate(events)), LATENESS_MS)  # offsets 0..49
     clock.now += idle  # quiet for the idle time
+    assert state.unread is None  # no log end seen yet
     state.end_offset = len(events) + 10  # but ten records wait unread (a backlog's slow fetch)
+    assert state.unread == 10
     assert state.take_flushable(grace, idle_ms=idle) == []
     clock.now += (STALLED_IDLE_FACTOR - 1) * idle  # quiet that long, the records count as absent
     assert {key[0] for key, _ in state.take_flushable(grace, idle_ms=idle)} == {START_MS}
     state.ingest([(len(events), events[0])], LATENESS_MS)  # (one more event of the hour)
     state.end_offset = len(events) + 1  # read to the end
+    assert state.unread == 0
     assert state.take_flushable(grace, idle_ms=idle) == []  # just read: not idle yet
     clock.now += idle
     assert {key[0] for key, _ in state.take_flushable(grace, idle_ms=idle)} == {START_MS}
