@@ -425,26 +425,24 @@ class Store:
         # taking the locks, which other writers of these keys wait for.
         own: dict[Key, dict[int, tuple[Agg, bytes | None]]] = {}
         entries: list[tuple[Key, int]] = []  # (key, partition) of each input row, in column order
-        columns = []
+        columns = _partial_columns(-1, [], -1, [])  # the statement's input columns, filled batch by batch
         for partition, offset, partials in batches:
             sketches = [agg.sketch.serialize() if agg.sketch is not None else None for _, agg in partials]
-            columns.append(_partial_columns(partition, partials, offset, sketches))
+            for column, part in zip(columns, _partial_columns(partition, partials, offset, sketches), strict=True):
+                column.extend(part)
             for (key, agg), data in zip(partials, sketches, strict=True):
                 own.setdefault(key, {})[partition] = (agg, data)
                 entries.append((key, partition))
         written = set(own)
         candidates = {r.key for r in retire} | set(orphans)
         keys = sorted(written | candidates, key=repr)
-        merged_columns = (
-            [sum((c[i] for c in columns), []) for i in range(len(columns[0]))] if columns else [[] for _ in range(13)]
-        )
         try:
             async with self._pool.acquire() as conn:
                 transaction = conn.transaction()
                 await transaction.start()
                 try:
                     result = await self._write_partials(
-                        conn, keys, own, entries, merged_columns, retire, candidates - written
+                        conn, keys, own, entries, columns, retire, candidates - written
                     )
                     if queued_by is not None and own:
                         await conn.execute(_QUEUE_ROLLUPS, sorted({to_datetime(key[0]) for key in own}), queued_by)
