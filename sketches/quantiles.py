@@ -305,7 +305,7 @@ class Sketch:
         else:
             impl = self._impl if values is None else self._new_impl(self.kind, values)
             data = bytes(impl.serialize())  # type: ignore[attr-defined]
-        _trust(str(self.kind), data)  # the library wrote them: reading them back needs no check
+        _trust(str(self.kind), data)  # the library's bytes (or the same, written): reading them back needs no check
         return data
 
     @classmethod

@@ -140,10 +140,15 @@ def resolve_target(settings: Settings, err: Console) -> Settings:
     )
 
 
+def _dsn_of(settings: Settings, database: str) -> str:
+    """The DSN of another database on the configured server."""
+    return settings.database_url.get_secret_value().rsplit("/", 1)[0] + f"/{database}"
+
+
 async def _server(settings: Settings) -> asyncpg.Connection:
     """A connection to the maintenance database of the configured server."""
     try:
-        return await asyncpg.connect(settings.database_url.get_secret_value().rsplit("/", 1)[0] + "/postgres", timeout=10)
+        return await asyncpg.connect(_dsn_of(settings, "postgres"), timeout=10)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DemoFailed(f"cannot reach PostgreSQL at {settings.redacted_dsn()}: {type(exc).__name__}") from None
 
@@ -154,7 +159,7 @@ async def fresh_database(settings: Settings, name: str) -> str:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return settings.database_url.get_secret_value().rsplit("/", 1)[0] + f"/{name}"
+    return _dsn_of(settings, name)
 
 
 async def drop_databases(settings: Settings, name: str) -> None:
