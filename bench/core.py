@@ -31,11 +31,11 @@ START_MS = 1_764_115_200_000  # Wednesday 2025-11-26 00:00 UTC
 PARTITIONS = 8
 
 
-def messages(settings: Settings, events: int, hours: int, seed: int) -> list[RawMessage]:
-    """The generator's records (``streamagg.generate``) as the worker receives them."""
+def messages(settings: Settings, events: int, hours: int, seed: int, start_ms: int = START_MS) -> list[RawMessage]:
+    """The generator's records (``streamagg.generate``) from ``start_ms`` on, as the worker receives them."""
     next_offset: dict[tuple[str, int], int] = {}
     out = []
-    for kind, _, event in Synth(seed).events(START_MS, hours, events // hours):
+    for kind, _, event in Synth(seed).events(start_ms, hours, events // hours):
         topic = settings.topic(kind)
         key = str(next(iter(event.values()))).encode()  # the event's id, as generate() keys it
         partition = zlib.crc32(key) % PARTITIONS

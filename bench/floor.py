@@ -1,0 +1,146 @@
+"""The least time any worker needs for an input on this machine, against bench/throughput's target.
+
+bench/throughput asks one worker for >= 50,000 events/s end to end and >= half a plain
+consumer's rate. Whatever a worker does, it must at least read and decode every event, and
+PostgreSQL must at least take every row the input makes (hour rows, then day and week rows).
+This bench measures those two necessities alone, on the same pre-filled topics (the same
+generated input as bench/throughput with the same arguments), in the same run:
+  (a) the plain aiokafka consumer of bench/throughput: wall time and its CPU time;
+  (b) COPY of exactly the rows the input makes into a table with the contract's columns and
+      unique key and nothing else (no upsert, no partials, no other index): wall time, client
+      CPU and the PostgreSQL backend's CPU. First the rows that can be written before the last
+      event is read, then those that cannot (the last hour's rows, and the day and week rows
+      holding it: they need that hour).
+No aggregation, no merging across partitions, no wait for the last hour to close: all cost
+nothing here. Two lower bounds on a worker's end-to-end time follow:
+  cpu floor       = every CPU second of (a) and (b), spread over all cores
+  ordering floor  = (a)'s wall time, then (b)'s after-the-last-event CPU over all cores
+and from the larger one the most events/s any worker could reach, next to the target.
+
+    .venv/bin/python -m bench.floor [--events 200000] [--hours 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import asyncpg
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+
+from bench.core import messages
+from bench.throughput import plain_consumer, prefilled
+from streamagg.aggregate import AggregateState, Row, roll_up
+from streamagg.buckets import HOUR_MS, bucket_end_ms
+from streamagg.pipeline import Pipeline
+from streamagg.settings import Settings
+from streamagg.store import _columns
+from streamagg.telemetry import Telemetry
+from streamagg.topics import source_topics
+
+_COLUMNS = ("bucket_time", "granularity", "metric_name", "dimension_type", "dimension_value", "count", "sum_value",
+            "min_value", "max_value", "avg_value", "p50_value", "p95_value", "p99_value", "sketch", "sketch_kind")  # fmt: skip
+_TABLE = """
+CREATE TABLE floor_rows (
+    bucket_time timestamptz NOT NULL, granularity text NOT NULL, metric_name text NOT NULL,
+    dimension_type text, dimension_value text, count bigint NOT NULL,
+    sum_value double precision, min_value double precision, max_value double precision,
+    avg_value double precision, p50_value double precision, p95_value double precision,
+    p99_value double precision, sketch bytea, sketch_kind text,
+    revision integer NOT NULL DEFAULT 1, updated_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE NULLS NOT DISTINCT (bucket_time, granularity, metric_name, dimension_type, dimension_value)
+)"""
+
+
+def required_rows(settings: Settings, events: int, hours: int, seed: int, start_ms: int) -> list[Row]:
+    """Every hour, day and week row of the input (the rows the table must end with)."""
+    end_ms = start_ms + hours * HOUR_MS
+    pipeline = Pipeline(settings, Telemetry(CollectorRegistry()), lambda topic, partition: [], clock=lambda: end_ms)
+    batch = messages(settings, events, hours, seed, start_ms)
+    for i in range(0, len(batch), 10_000):
+        pipeline.process(batch[i : i + 10_000])
+    merged = AggregateState(settings.metric_sketch_kinds(), settings.max_series_per_dimension)
+    for state in pipeline.states.values():
+        merged.merge(state.aggregates)
+    hour_rows = merged.rows()
+    return [*hour_rows, *roll_up(hour_rows, "day"), *roll_up(hour_rows, "week")]
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a process on this machine (None when it is not readable here)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def copy_rows(dsn: str, batches: Sequence[list[Row]]) -> list[tuple[float, float, float]]:
+    """(wall, client CPU, server CPU) seconds of one COPY per batch, into a fresh contract table."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(_TABLE)
+        backend = await conn.fetchval("SELECT pg_backend_pid()")
+        out = []
+        for rows in batches:
+            records = list(zip(*_columns(rows)[: len(_COLUMNS)], strict=True))
+            server, client, wall = cpu_seconds(backend), time.process_time(), time.perf_counter()
+            await conn.copy_records_to_table("floor_rows", columns=_COLUMNS, records=records)
+            wall, client = time.perf_counter() - wall, time.process_time() - client
+            after = cpu_seconds(backend)
+            if server is None or after is None:
+                raise SystemExit("the PostgreSQL backend's CPU is not readable here: run this bench on the database's machine")
+            out.append((wall, client, after - server))
+        return out
+    finally:
+        await conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--hours", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=5)
+    args = parser.parse_args(argv)
+    err = Console(stderr=True)
+    total = args.events // args.hours * args.hours
+    cores = os.cpu_count() or 1
+    with prefilled("floor", args.events, args.hours, args.seed, err) as (settings, start_ms, _):
+        err.print("plain aiokafka consumer, read + json.loads ...")
+        client = time.process_time()
+        read_wall = asyncio.run(plain_consumer(settings.kafka_bootstrap, list(source_topics(settings)), settings.partitions, total))
+        read_cpu = time.process_time() - client
+        err.print("the rows of the input (the core, untimed), then COPY ...")
+        rows = required_rows(settings, total, args.hours, args.seed, start_ms)
+        last_hour = max(row.bucket_ms for row in rows if row.granularity == "hour")
+        after = [row for row in rows if row.bucket_ms <= last_hour < bucket_end_ms(row.bucket_ms, row.granularity)]
+        before = [row for row in rows if not row.bucket_ms <= last_hour < bucket_end_ms(row.bucket_ms, row.granularity)]
+        (b_wall, b_client, b_server), (a_wall, a_client, a_server) = asyncio.run(
+            copy_rows(settings.database_url.get_secret_value(), [before, after])
+        )
+    cpu_floor = (read_cpu + b_client + b_server + a_client + a_server) / cores
+    ordering_floor = read_wall + (a_client + a_server) / cores
+    floor = max(cpu_floor, ordering_floor)
+    best, baseline = total / floor, total / read_wall
+    print(f"events                        {total:>10,}  ({args.hours} h, {cores} cores)")
+    print(f"(a) plain consumer            {read_wall:>10.2f} s wall  {read_cpu:.2f} s CPU   {baseline:,.0f} events/s")
+    print(f"(b) COPY, before last event   {b_wall:>10.2f} s wall  {b_client:.2f} s client + {b_server:.2f} s server CPU  ({len(before):,} rows)")
+    print(f"(b) COPY, after last event    {a_wall:>10.2f} s wall  {a_client:.2f} s client + {a_server:.2f} s server CPU  ({len(after):,} rows)")
+    print(f"cpu floor                     {cpu_floor:>10.2f} s")
+    print(f"ordering floor                {ordering_floor:>10.2f} s")
+    print(f"best any worker could do      {best:>10,.0f} events/s = {best / baseline:.2f} of the plain consumer "
+          f"(target: >= 50,000 and >= 0.50)")  # fmt: skip
+    print(f"left for everything else      {2 * read_wall - floor:>10.2f} s within 0.50 of the consumer, "
+          f"{total / 50_000 - floor:.2f} s within 50,000 events/s")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
