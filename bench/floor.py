@@ -17,7 +17,9 @@ nothing here. Two lower bounds on a worker's end-to-end time follow:
   ordering floor  = (a)'s wall time, then (b)'s after-the-last-event CPU over all cores
 and from the larger one the most events/s any worker could reach, next to the target.
 
-    .venv/bin/python -m bench.floor [--events 200000] [--hours 4]
+    .venv/bin/python -m bench.floor [--events 200000] [--hours 4] [--keep]
+
+The topics and the database are deleted at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -107,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--hours", type=int, default=4)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--keep", action="store_true", help="keep the bench's topics and database")
     args = parser.parse_args(argv)
     err = Console(stderr=True)
     total = args.events // args.hours * args.hours
     cores = os.cpu_count() or 1
-    with prefilled("floor", args.events, args.hours, args.seed, err) as (settings, start_ms, _):
+    with prefilled("floor", args.events, args.hours, args.seed, err, args.keep) as (settings, start_ms, _):
         err.print("plain aiokafka consumer, read + json.loads ...")
         client = time.process_time()
         read_wall = asyncio.run(plain_consumer(settings.kafka_bootstrap, list(source_topics(settings)), settings.partitions, total))
