@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from rich.console import Console
 
 from streamagg.buckets import HOUR_MS, bucket_start_ms
+from streamagg.cli import configure_logging
 from streamagg.demo import (
     drop_databases,
     env_without_settings,
@@ -132,6 +133,7 @@ def prefilled(name: str, events: int, hours: int, seed: int, err: Console, keep:
     an hour ago, a fresh database, and settings for a fast-closing worker; yields the settings,
     the first hour and the exact count of every hour, day and week row. Afterwards the topics
     and the databases named after the run go, unless ``keep``."""
+    configure_logging()  # as the commands log: a fresh topic's retried produce requests are no warning
     settings = resolve_target(load_settings(), err)
     run = uuid.uuid4().hex[:8]
     database = f"streamagg_{name.replace('-', '_')}_{run}"

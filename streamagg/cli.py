@@ -97,6 +97,12 @@ def main(verbose: int, quiet: bool) -> None:
     observability.metrics_aggregates. Settings come from STREAMAGG_* variables or the flags
     of the same name.
     """
+    configure_logging(verbose, quiet)
+
+
+def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """stderr logging as every command has it (the benchmarks too): streamagg's own INFO, the
+    libraries' warnings, expected library noise demoted (:class:`_ExpectedNoise`)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose >= 2 else logging.WARNING,
         stream=sys.stderr,
