@@ -356,6 +356,31 @@ def req_exact_bytes(k: int, items: Sequence[float]) -> bytes:
     )
 
 
+
+def req_exact_items(k: int, data: bytes) -> list[float] | None:
+    """The items, in the order they were fed, of bytes that are exactly what
+    :func:`req_exact_bytes` writes for them (so the library's own bytes for them); None for any
+    other bytes, which the library and :func:`check_req_floats` must read. The check is complete:
+    the bytes are written again from the items and compared. Items are finite float32 values."""
+    if len(data) < _REQ_PREAMBLE.size:
+        return None
+    flags = data[3]
+    if flags == _REQ_FLAG_HRA | _REQ_FLAG_RAW | _REQ_FLAG_SORTED:
+        start, stop = _REQ_PREAMBLE.size, len(data)
+    elif flags == _REQ_FLAG_HRA | _REQ_FLAG_RAW:
+        start, stop = _REQ_PREAMBLE.size, len(data) - _REQ_RAW_PADDING
+    elif flags == _REQ_FLAG_HRA:
+        start, stop = _REQ_PREAMBLE.size + _REQ_COMPACTOR.size, len(data)
+    else:
+        return None
+    n, remainder = divmod(stop - start, 4)
+    if remainder or not 1 <= n < _REQ_INIT_SECTIONS * 2 * k:
+        return None
+    items = list(struct.unpack_from(f"<{n}f", data, start))[::-1]
+    if not all(math.isfinite(item) for item in items) or req_exact_bytes(k, items) != data:
+        return None
+    return items
+
 # ----------------------------------------------------------------------- KLL impl
 
 

@@ -320,6 +320,14 @@ class Sketch:
         actual = sniff_kind(data)
         if actual != str(kind):
             raise SketchKindMismatch(str(kind), actual)
+        if kind.family == "req-hra":
+            # A listed sketch's bytes (most stored sketches: a user's hour) are read back without
+            # the library: the items, once the bytes prove to be exactly what they serialise to.
+            items = _layout.req_exact_items(kind.k, data)
+            if items is not None and len(items) <= _listed_max(kind):
+                sketch = cls(kind)
+                sketch._values = items
+                return sketch
         trusted = _is_trusted(actual, data)
         if kind.family == "kll":
             if not trusted:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import struct
@@ -27,7 +28,7 @@ import datasketches as ds
 import numpy as np
 import pytest
 
-from sketches._layout import check_kll_doubles, check_req_floats, req_exact_bytes
+from sketches._layout import check_kll_doubles, check_req_floats, req_exact_bytes, req_exact_items
 from sketches.errors import CorruptSketchError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -124,6 +125,47 @@ def test_req_exact_bytes_are_the_librarys(seed: int) -> None:
         for item in items:
             sketch.update(item)
         assert req_exact_bytes(k, items) == bytes(sketch.serialize()), (k, items)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_req_exact_items_are_what_the_library_reads(seed: int) -> None:
+    for k, items in _req_exact_cases(seed):
+        sketch = ds.req_floats_sketch(k, True)
+        for item in items:
+            sketch.update(item)
+        data = bytes(sketch.serialize())
+        held = [item for item, _ in ds.req_floats_sketch.deserialize(data)][::-1]  # newest first, as fed
+        assert req_exact_items(k, data) == held, (k, items)
+
+
+def test_req_exact_items_refuse_any_other_bytes() -> None:
+    data = req_exact_bytes(12, [3.0, 1.0, 2.0, 5.0, 4.0])
+    assert req_exact_items(12, data) == [3.0, 1.0, 2.0, 5.0, 4.0]
+    raw = req_exact_bytes(12, [1.0, 2.0])
+    nan = raw[:8] + struct.pack("<f", math.nan) + raw[12:]  # the newest item, after the 8-byte preamble
+    compacted = ds.req_floats_sketch(4, True)
+    for i in range(100):
+        compacted.update(float(i))
+    refused = {
+        "another k": (14, data),
+        "truncated": (12, data[:-1]),
+        "a byte more": (12, data + b"\0"),
+        "a count that disagrees": (12, data[:-4]),
+        "another family's flags": (12, data[:3] + bytes([data[3] ^ 0x01]) + data[4:]),
+        "NaN": (12, nan),
+        "estimation mode": (4, bytes(compacted.serialize())),
+        "empty": (12, bytes(ds.req_floats_sketch(12, True).serialize())),
+        "low rank accuracy": (12, bytes(_fed(ds.req_floats_sketch(12, False), [1.0, 2.0]).serialize())),
+        "nothing": (12, b""),
+    }
+    for name, (k, refused_data) in refused.items():
+        assert req_exact_items(k, refused_data) is None, name
+
+
+def _fed(sketch, items):
+    for item in items:
+        sketch.update(item)
+    return sketch
 
 
 def test_req_exact_bytes_refuse_what_would_compact() -> None:
