@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
 from streamagg.aggregate import AggregateState
 from streamagg.buckets import HOUR_MS
-from streamagg.state import MEMORY_REFRESH_MS, MEMORY_SAMPLE, STALLED_IDLE_FACTOR, PartitionState, decode_key
+from streamagg.state import (
+    MEMORY_REFRESH_MS,
+    MEMORY_SAMPLE,
+    STALLED_IDLE_FACTOR,
+    PartitionState,
+    decode_key,
+    encode_key,
+)
 from tests.unit.test_aggregate import START_MS, kinds, make_events, stats
 
 LATENESS_MS = 48 * HOUR_MS
@@ -72,6 +80,21 @@ def test_crash_anywhere_neither_loses_nor_doubles(seed: int) -> None:
     for start in range(committed + 1, len(batch), 37):
         recovered.ingest(batch[start : start + 37], LATENESS_MS)
     assert final_stats(recovered) == reference(events)
+
+
+def test_checkpoint_keys_are_the_bytes_json_dumps_writes() -> None:
+    """The changelog compacts by key bytes: an encoding that drifted from the one before would
+    keep a key's old record beside its new one, and a restore would merge both."""
+    rng = random.Random(3)
+    alphabet = ['"', "\\", "/", "\n", "\t", "\x00", "\x1f", "\x7f", "é", "日", "\U0001f600", "\ud800", "a", " ", "null"]
+    texts = [None, "", "user-1", "__overflow__"] + ["".join(rng.choices(alphabet, k=rng.randrange(1, 12))) for _ in range(300)]
+    for i, value in enumerate(texts):
+        dimension_type = None if value is None else rng.choice(["user_id", "kb_id", value])
+        key = (START_MS + (i - 150) * HOUR_MS, rng.choice(["trace.count", value or "m"]), dimension_type, value)
+        for topic, partition in (("telemetry.traces", 0), (value or "t", 2**31 - 1)):
+            expected = json.dumps([topic, partition, *key], separators=(",", ":")).encode()
+            assert encode_key(topic, partition, key) == expected, key
+            assert decode_key(expected) == (topic, partition, key)
 
 
 def test_redelivered_events_are_ignored() -> None:
