@@ -9,6 +9,7 @@ evidence means the stored sketch already summarises exactly these values.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import struct
@@ -224,7 +225,10 @@ def series_lock_id(series: Series) -> int:
     return _SERIES_LOCK_BASE + _stripe(series)
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def _stripe(item: tuple) -> int:
+    """Stable across processes (not ``hash``); cached, as a flush orders its keys by stripe and
+    then locks them, and a roll-up does the same with its series."""
     digest = hashlib.blake2b(repr(item).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % _LOCK_STRIPES
 
