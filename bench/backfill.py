@@ -19,6 +19,7 @@ import asyncio
 import os
 import sys
 import time
+from urllib.parse import urlsplit
 
 from rich.console import Console
 
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
         err.print("streamagg: one worker process over the same topics, into another fresh database ...")
         # Named after the bench's database, so that it goes with it.
-        database = asyncio.run(fresh_database(settings, settings.database_url.get_secret_value().rsplit("/", 1)[1] + "_worker"))
+        bench_database = urlsplit(settings.database_url.get_secret_value()).path.lstrip("/")
+        database = asyncio.run(fresh_database(settings, bench_database + "_worker"))
         worker_seconds = worker_end_to_end(settings.model_copy(update={"database_url": settings.database_url.__class__(database)}),
                                            total, expected, err)  # fmt: skip
     backfill_rate = total / backfill_seconds
