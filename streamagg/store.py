@@ -120,10 +120,10 @@ RETURNING (xmax = 0) AS inserted
 # Every part reads the snapshot from before the insert: a fenced partial is read as stored, one
 # written here is left out (its in-memory aggregate is the truth). Sent once, the arrays cost
 # half of what a separate upsert and read cost, and only fenced inputs come back, not every
-# written key. The read probes the index once per key, fenced by OFFSET 0: as a plain join the
-# planner charged the anti-join to every probe and sorted the whole partials table for a merge
-# join instead (measured: 390 ms against 100 ms for 5,000 keys in a 157,000-partial table, and
-# growing with the table, not with the keys).
+# written key. The read probes the unique key once per key (the global slice by IS NULL),
+# fenced by OFFSET 0: as a plain join the planner charged the anti-join to every probe and
+# sorted the whole partials table for a merge join instead (measured: 390 ms against 100 ms for
+# 5,000 keys in a 157,000-partial table, and growing with the table, not with the keys).
 _WRITE_PARTIALS = f"""
 WITH input AS (
     SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bigint[],
@@ -165,8 +165,11 @@ SELECT NULL, p.bucket_time, p.metric_name, p.dimension_type, p.dimension_value, 
 FROM keys k
 CROSS JOIN LATERAL (
     SELECT * FROM {PARTIALS} p
-    WHERE p.metric_name = k.m AND coalesce(p.dimension_type, '') = coalesce(k.dt, '')
-      AND coalesce(p.dimension_value, '') = coalesce(k.dv, '') AND p.bucket_time = k.b
+    WHERE p.bucket_time = k.b AND p.metric_name = k.m AND p.dimension_type = k.dt AND p.dimension_value = k.dv
+    UNION ALL
+    SELECT * FROM {PARTIALS} p
+    WHERE k.dt IS NULL AND p.bucket_time = k.b AND p.metric_name = k.m
+      AND p.dimension_type IS NULL AND p.dimension_value IS NULL
     OFFSET 0) p
 WHERE NOT EXISTS (
     SELECT 1 FROM written w
@@ -176,15 +179,23 @@ WHERE NOT EXISTS (
 
 _QUEUE_ROLLUPS = f"INSERT INTO {ROLLUP_QUEUE} (hour, queued_by) SELECT unnest($1::timestamptz[]), $2"
 
-# '' stands for NULL in these joins so that the series indexes serve them (004_series_indexes.sql).
+# Partials go by their unique key: a slice's by equality, the global slice's by IS NULL (both are
+# index conditions; an equality on NULL never matches). The two deletes touch disjoint rows.
 _RETIRE_PARTIALS = f"""
-DELETE FROM {PARTIALS} p
-USING unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bigint[]) AS r(b, m, dt, dv, part, upto)
-WHERE p.metric_name = r.m AND coalesce(p.dimension_type, '') = coalesce(r.dt, '')
-  AND coalesce(p.dimension_value, '') = coalesce(r.dv, '') AND p.bucket_time = r.b
-  AND p.source_partition = r.part AND p.source_offset <= r.upto
+WITH r AS (
+    SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bigint[])
+        AS r(b, m, dt, dv, part, upto)
+), sliced AS (
+    DELETE FROM {PARTIALS} p USING r
+    WHERE p.bucket_time = r.b AND p.metric_name = r.m AND p.dimension_type = r.dt AND p.dimension_value = r.dv
+      AND p.source_partition = r.part AND p.source_offset <= r.upto
+)
+DELETE FROM {PARTIALS} p USING r
+WHERE r.dt IS NULL AND p.bucket_time = r.b AND p.metric_name = r.m AND p.dimension_type IS NULL
+  AND p.dimension_value IS NULL AND p.source_partition = r.part AND p.source_offset <= r.upto
 """
 
+# '' stands for NULL in these joins so that the series index serves them (004_series_indexes.sql).
 _DELETE_HOUR_ROWS = f"""
 DELETE FROM {TABLE} t USING unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[]) AS k(b, m, dt, dv)
 WHERE t.granularity = 'hour' AND t.metric_name = k.m AND coalesce(t.dimension_type, '') = coalesce(k.dt, '')
