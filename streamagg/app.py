@@ -398,7 +398,10 @@ class Runtime:
                     self._failed("rollup", exc)
                     return
                 self._check_owed_rollups = False
-            backlog = sum(len(item.items) for item in items) >= FLUSH_KEYS_PER_TRANSACTION
+            # A backlog: this flush wrote a full transaction, and more of it may follow. Nothing
+            # follows once every partition is read to its end with all it holds written: its
+            # days and weeks are rolled up now, not a flush interval later.
+            backlog = sum(len(item.items) for item in items) >= FLUSH_KEYS_PER_TRANSACTION and not self.pipeline.settled()
             if rollup_due(len(self._to_roll_up), backlog, time.monotonic() - self._last_rollup, self._rollup_interval):
                 try:
                     await self._roll_up(store)

@@ -183,6 +183,10 @@ class Pipeline:
                 out.append(Flushable(topic, partition, items, closed, state.offset))
         return out
 
+    def settled(self) -> bool:
+        """Every owned partition read to its end with everything it holds written."""
+        return all(state.settled for state in self.states.values())
+
     def owns(self, topic: str, partition: int) -> bool:
         return (topic, partition) in self.states
 

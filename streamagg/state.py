@@ -323,6 +323,12 @@ class PartitionState:
         return self.unread in (None, 0) or quiet >= STALLED_IDLE_FACTOR * idle_ms
 
     @property
+    def settled(self) -> bool:
+        """Read to the log end, and nothing changed that is not written (no hour, open or closed,
+        waits to be flushed): only new records can give this partition more to write."""
+        return self.unread == 0 and not any(self._flush_dirty.values())
+
+    @property
     def unread(self) -> int | None:
         """Records between the state and the log end the consumer last saw (None: none seen yet)."""
         return None if self.end_offset is None else max(0, self.end_offset - 1 - self.offset)

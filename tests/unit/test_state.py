@@ -155,6 +155,27 @@ def test_a_partition_with_records_left_to_read_is_not_idle() -> None:
     assert {key[0] for key, _ in state.take_flushable(grace, idle_ms=idle)} == {START_MS}
 
 
+def test_settled_means_read_to_the_end_with_everything_written() -> None:
+    grace, idle = 300_000, 60_000
+    clock = Clock(START_MS + 2 * HOUR_MS + grace)  # a backlog: the wall clock passed both hours
+    events = make_events(hours=2, per_hour=50, seed=4)
+    state = new_state(clock)
+    assert not state.settled  # no log end seen yet
+    state.ingest(list(enumerate(events)), LATENESS_MS)
+    state.end_offset = len(events)
+    assert state.unread == 0 and not state.settled  # read to the end, nothing written
+    assert {key[0] for key, _ in state.take_flushable(grace, idle_ms=idle)} == {START_MS}  # the watermark closed it
+    assert not state.settled  # the last hour waits until idle
+    clock.now += idle
+    assert {key[0] for key, _ in state.take_flushable(grace, idle_ms=idle)} == {START_MS + HOUR_MS}
+    assert state.settled
+    state.end_offset = len(events) + 1  # a record more to read
+    assert not state.settled
+    state.ingest([(len(events), events[-1])], LATENESS_MS)
+    state.end_offset = len(events) + 1
+    assert state.unread == 0 and not state.settled  # read, but its hour not written again
+
+
 def test_the_memory_gauge_samples_and_refreshes() -> None:
     clock = Clock(START_MS)
     state = new_state(clock)
