@@ -187,6 +187,7 @@ class Runtime:
         self._last_checkpoint = time.monotonic()
         self._store: Store | None = None
         self._flush_lock = asyncio.Lock()
+        self._closing = False  # set by close(): a flush ends after its current pass
         self._failures = 0
         self._retry_at = 0.0  # monotonic time before which flushes wait (exponential backoff)
         self._pending_deliveries: list[asyncio.Future] = []
@@ -366,7 +367,8 @@ class Runtime:
         return self._store
 
     async def flush(self) -> None:
-        """Write closed hours' partials (and the final rows); roll up their days and weeks."""
+        """Write closed hours' partials (and the final rows); roll up their days and weeks. While
+        a backlog is worked off, pass after pass: what closed meanwhile waits for no timer tick."""
         if time.monotonic() < self._retry_at:
             return  # backing off after a database error; the state waits in memory
         async with self._flush_lock:
@@ -375,43 +377,50 @@ class Runtime:
             except StoreError as exc:
                 self._failed("connect", exc)
                 return
-            self._note_log_ends()  # an idle partition closes its hours only once read to the end
-            items = [item for item in self.pipeline.flushable() if item.items]
-            # Chunks follow the key lock stripes, so lanes of consecutive chunks seldom wait for
-            # each other's locks.
-            chunks = _chunks(items, FLUSH_KEYS_PER_TRANSACTION)
-            all_written = all(await in_lanes(chunks, FLUSH_LANES, lambda lane: self._flush_chunks(store, lane)))
-            if self._inserted_since_analyze > max(ANALYZE_MIN_ROWS, self._inserted_at_analyze):
-                # The table doubled since the planner last looked: a fresh table's statistics
-                # make every roll-up lookup scan it, long before autovacuum's first analyze.
-                try:
-                    await store.analyze()
-                except StoreError as exc:
-                    self._failed("flush", exc)
-                    return
-                self._inserted_at_analyze += self._inserted_since_analyze
-                self._inserted_since_analyze = 0
-            if self._check_owed_rollups:
-                try:
-                    await self._roll_up_owed(store)
-                except StoreError as exc:
-                    self._failed("rollup", exc)
-                    return
-                self._check_owed_rollups = False
-            # A backlog: this flush wrote a full transaction, and more of it may follow. Nothing
-            # follows once every partition is read to its end with all it holds written: its
-            # days and weeks are rolled up now, not a flush interval later.
-            backlog = sum(len(item.items) for item in items) >= FLUSH_KEYS_PER_TRANSACTION and not self.pipeline.settled()
-            if rollup_due(len(self._to_roll_up), backlog, time.monotonic() - self._last_rollup, self._rollup_interval):
-                try:
-                    await self._roll_up(store)
-                except StoreError as exc:
-                    self._failed("rollup", exc)
-                    return
-            if all_written:  # a failed chunk keeps the backoff growing and is no success
-                self._failures = 0
-                self.telemetry.last_success.set(time.time())
-            self.pipeline.evict()
+            while await self._flush_pass(store) and not self._closing:
+                pass
+
+    async def _flush_pass(self, store: Store) -> bool:
+        """One pass of :meth:`flush`; True if it wrote a backlog's full transaction and all went
+        well, so another pass follows at once."""
+        self._note_log_ends()  # an idle partition closes its hours only once read to the end
+        items = [item for item in self.pipeline.flushable() if item.items]
+        # Chunks follow the key lock stripes, so lanes of consecutive chunks seldom wait for
+        # each other's locks.
+        chunks = _chunks(items, FLUSH_KEYS_PER_TRANSACTION)
+        all_written = all(await in_lanes(chunks, FLUSH_LANES, lambda lane: self._flush_chunks(store, lane)))
+        if self._inserted_since_analyze > max(ANALYZE_MIN_ROWS, self._inserted_at_analyze):
+            # The table doubled since the planner last looked: a fresh table's statistics
+            # make every roll-up lookup scan it, long before autovacuum's first analyze.
+            try:
+                await store.analyze()
+            except StoreError as exc:
+                self._failed("flush", exc)
+                return False
+            self._inserted_at_analyze += self._inserted_since_analyze
+            self._inserted_since_analyze = 0
+        if self._check_owed_rollups:
+            try:
+                await self._roll_up_owed(store)
+            except StoreError as exc:
+                self._failed("rollup", exc)
+                return False
+            self._check_owed_rollups = False
+        # A backlog: this pass wrote a full transaction, and more of it may follow. Nothing
+        # follows once every partition is read to its end with all it holds written: its
+        # days and weeks are rolled up now, not a flush interval later.
+        backlog = sum(len(item.items) for item in items) >= FLUSH_KEYS_PER_TRANSACTION and not self.pipeline.settled()
+        if rollup_due(len(self._to_roll_up), backlog, time.monotonic() - self._last_rollup, self._rollup_interval):
+            try:
+                await self._roll_up(store)
+            except StoreError as exc:
+                self._failed("rollup", exc)
+                return False
+        if all_written:  # a failed chunk keeps the backoff growing and is no success
+            self._failures = 0
+            self.telemetry.last_success.set(time.time())
+        self.pipeline.evict()
+        return backlog and all_written
 
     async def _flush_chunks(self, store: Store, chunks: Sequence[list[Flushable]]) -> bool:
         """Write chunks one transaction after the other; False if any failed (it stays in memory)."""
@@ -487,7 +496,8 @@ class Runtime:
     async def close(self) -> None:
         """At a clean stop: roll up what is pending (else the next worker to start would, from
         the roll-up queue), then close the database pool."""
-        async with self._flush_lock:  # let a running flush finish first
+        self._closing = True
+        async with self._flush_lock:  # let a running flush finish its pass first
             if self._store is None:
                 return
             if self._to_roll_up:
