@@ -1,5 +1,6 @@
 """Pure-Python structural validation of serialized REQ (float) and KLL (double) sketches,
-and the bytes of a small exact REQ sketch written without the library (:func:`req_exact_bytes`).
+and the bytes of a small exact REQ sketch written and read without the library
+(:func:`req_exact_bytes`, :func:`req_exact_items`).
 
 The C++ deserializers behind the ``datasketches`` binding (Apache DataSketches
 C++, v5.2.0) trust most of the header fields they read: a corrupted level
@@ -107,7 +108,7 @@ import numpy as np
 
 from .errors import CorruptSketchError
 
-__all__ = ["check_req_floats", "check_kll_doubles", "req_exact_bytes"]
+__all__ = ["check_req_floats", "check_kll_doubles", "req_exact_bytes", "req_exact_items"]
 
 # --------------------------------------------------------------------------- REQ
 
@@ -356,7 +357,6 @@ def req_exact_bytes(k: int, items: Sequence[float]) -> bytes:
     )
 
 
-
 def req_exact_items(k: int, data: bytes) -> list[float] | None:
     """The items, in the order they were fed, of bytes that are exactly what
     :func:`req_exact_bytes` writes for them (so the library's own bytes for them); None for any
@@ -380,6 +380,7 @@ def req_exact_items(k: int, data: bytes) -> list[float] | None:
     if not all(math.isfinite(item) for item in items) or req_exact_bytes(k, items) != data:
         return None
     return items
+
 
 # ----------------------------------------------------------------------- KLL impl
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import datasketches as ds
 import numpy as np
@@ -118,22 +119,23 @@ def _req_exact_cases(seed: int) -> list[tuple[int, list[float]]]:
     return out
 
 
+def _fed(sketch: Any, items: list[float]) -> Any:
+    """A library sketch after ``items`` were fed to it in order."""
+    for item in items:
+        sketch.update(item)
+    return sketch
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_req_exact_bytes_are_the_librarys(seed: int) -> None:
     for k, items in _req_exact_cases(seed):
-        sketch = ds.req_floats_sketch(k, True)
-        for item in items:
-            sketch.update(item)
-        assert req_exact_bytes(k, items) == bytes(sketch.serialize()), (k, items)
+        assert req_exact_bytes(k, items) == bytes(_fed(ds.req_floats_sketch(k, True), items).serialize()), (k, items)
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_req_exact_items_are_what_the_library_reads(seed: int) -> None:
     for k, items in _req_exact_cases(seed):
-        sketch = ds.req_floats_sketch(k, True)
-        for item in items:
-            sketch.update(item)
-        data = bytes(sketch.serialize())
+        data = bytes(_fed(ds.req_floats_sketch(k, True), items).serialize())
         held = [item for item, _ in ds.req_floats_sketch.deserialize(data)][::-1]  # newest first, as fed
         assert req_exact_items(k, data) == held, (k, items)
 
@@ -143,9 +145,7 @@ def test_req_exact_items_refuse_any_other_bytes() -> None:
     assert req_exact_items(12, data) == [3.0, 1.0, 2.0, 5.0, 4.0]
     raw = req_exact_bytes(12, [1.0, 2.0])
     nan = raw[:8] + struct.pack("<f", math.nan) + raw[12:]  # the newest item, after the 8-byte preamble
-    compacted = ds.req_floats_sketch(4, True)
-    for i in range(100):
-        compacted.update(float(i))
+    compacted = _fed(ds.req_floats_sketch(4, True), [float(i) for i in range(100)])
     refused = {
         "another k": (14, data),
         "truncated": (12, data[:-1]),
@@ -160,12 +160,6 @@ def test_req_exact_items_refuse_any_other_bytes() -> None:
     }
     for name, (k, refused_data) in refused.items():
         assert req_exact_items(k, refused_data) is None, name
-
-
-def _fed(sketch, items):
-    for item in items:
-        sketch.update(item)
-    return sketch
 
 
 def test_req_exact_bytes_refuse_what_would_compact() -> None:
