@@ -19,14 +19,13 @@ import asyncio
 import os
 import sys
 import time
-from urllib.parse import urlsplit
 
 from rich.console import Console
 
 from bench.throughput import prefilled, worker_end_to_end
 from streamagg.backfill import HourRange, Report, backfill
 from streamagg.buckets import HOUR_MS
-from streamagg.demo import fresh_database, rows_match
+from streamagg.demo import database_of, fresh_database, rows_match
 from streamagg.settings import Settings
 from streamagg.state import collect_less_often
 from streamagg.store import Store
@@ -62,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
         err.print("streamagg: one worker process over the same topics, into another fresh database ...")
         # Named after the bench's database, so that it goes with it.
-        bench_database = urlsplit(settings.database_url.get_secret_value()).path.lstrip("/")
-        database = asyncio.run(fresh_database(settings, bench_database + "_worker"))
+        database = asyncio.run(fresh_database(settings, database_of(settings) + "_worker"))
         worker_seconds = worker_end_to_end(settings.model_copy(update={"database_url": settings.database_url.__class__(database)}),
                                            total, expected, err)  # fmt: skip
     backfill_rate = total / backfill_seconds

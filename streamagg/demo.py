@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from rich.console import Console
@@ -141,8 +142,13 @@ def resolve_target(settings: Settings, err: Console) -> Settings:
 
 
 def _dsn_of(settings: Settings, database: str) -> str:
-    """The DSN of another database on the configured server."""
-    return settings.database_url.get_secret_value().rsplit("/", 1)[0] + f"/{database}"
+    """The DSN of another database on the configured server (its parameters, e.g. sslmode, kept)."""
+    return urlunsplit(urlsplit(settings.database_url.get_secret_value())._replace(path=f"/{database}"))
+
+
+def database_of(settings: Settings) -> str:
+    """The name of the configured database."""
+    return urlsplit(settings.database_url.get_secret_value()).path.lstrip("/")
 
 
 async def _server(settings: Settings) -> asyncpg.Connection:
