@@ -14,7 +14,6 @@ the end unless --keep.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -22,7 +21,7 @@ import time
 
 from rich.console import Console
 
-from bench.throughput import prefilled, worker_end_to_end
+from bench.throughput import input_parser, prefilled, worker_end_to_end
 from streamagg.backfill import HourRange, Report, backfill
 from streamagg.buckets import HOUR_MS
 from streamagg.demo import database_of, fresh_database, rows_match
@@ -43,12 +42,7 @@ async def timed_backfill(settings: Settings, hours: HourRange, expected: dict) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--hours", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=5)
-    parser.add_argument("--keep", action="store_true", help="keep the bench's topics and databases")
-    args = parser.parse_args(argv)
+    args = input_parser(__doc__, events=100_000).parse_args(argv)
     err = Console(stderr=True)
     total = args.events // args.hours * args.hours
     with prefilled("bench-backfill", args.events, args.hours, args.seed, err, args.keep) as (settings, start, expected):

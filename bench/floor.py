@@ -24,7 +24,6 @@ The topics and the database are deleted at the end unless --keep.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -36,14 +35,13 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 from bench.core import messages
-from bench.throughput import plain_consumer, prefilled
+from bench.throughput import input_parser, plain_consumer, prefilled
 from streamagg.aggregate import AggregateState, Row, roll_up
 from streamagg.buckets import HOUR_MS, bucket_end_ms
 from streamagg.pipeline import Pipeline
 from streamagg.settings import Settings
 from streamagg.store import _columns
 from streamagg.telemetry import Telemetry
-from streamagg.topics import source_topics
 
 _COLUMNS = ("bucket_time", "granularity", "metric_name", "dimension_type", "dimension_value", "count", "sum_value",
             "min_value", "max_value", "avg_value", "p50_value", "p95_value", "p99_value", "sketch", "sketch_kind")  # fmt: skip
@@ -105,25 +103,21 @@ async def copy_rows(dsn: str, batches: Sequence[list[Row]]) -> list[tuple[float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--hours", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=5)
-    parser.add_argument("--keep", action="store_true", help="keep the bench's topics and database")
-    args = parser.parse_args(argv)
+    args = input_parser(__doc__, events=200_000).parse_args(argv)
     err = Console(stderr=True)
     total = args.events // args.hours * args.hours
     cores = os.cpu_count() or 1
     with prefilled("floor", args.events, args.hours, args.seed, err, args.keep) as (settings, start_ms, _):
         err.print("plain aiokafka consumer, read + json.loads ...")
         client = time.process_time()
-        read_wall = asyncio.run(plain_consumer(settings.kafka_bootstrap, list(source_topics(settings)), settings.partitions, total))
+        read_wall = asyncio.run(plain_consumer(settings, total))
         read_cpu = time.process_time() - client
         err.print("the rows of the input (the core, untimed), then COPY ...")
         rows = required_rows(settings, total, args.hours, args.seed, start_ms)
         last_hour = max(row.bucket_ms for row in rows if row.granularity == "hour")
-        after = [row for row in rows if row.bucket_ms <= last_hour < bucket_end_ms(row.bucket_ms, row.granularity)]
-        before = [row for row in rows if not row.bucket_ms <= last_hour < bucket_end_ms(row.bucket_ms, row.granularity)]
+        before, after = [], []
+        for row in rows:  # the rows holding the last hour can only be written after it
+            (after if row.bucket_ms <= last_hour < bucket_end_ms(row.bucket_ms, row.granularity) else before).append(row)
         (b_wall, b_client, b_server), (a_wall, a_client, a_server) = asyncio.run(
             copy_rows(settings.database_url.get_secret_value(), [before, after])
         )

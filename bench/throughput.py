@@ -50,9 +50,10 @@ from streamagg.synth import Synth
 from streamagg.topics import delete_topics, source_topics
 
 
-async def plain_consumer(bootstrap: str, topics: list[str], partitions: int, total: int) -> float:
-    """Seconds for a plain consumer to read and JSON-decode ``total`` records."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+async def plain_consumer(settings: Settings, total: int) -> float:
+    """Seconds for a plain consumer to read and JSON-decode ``total`` records of the source topics."""
+    topics, partitions = list(source_topics(settings)), settings.partitions
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)  # fmt: skip
     await consumer.start()
     try:
@@ -159,19 +160,25 @@ def prefilled(name: str, events: int, hours: int, seed: int, err: Console, keep:
             delete_topics(settings, [settings.topic_prefix, settings.app_id])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=200_000)
+def input_parser(description: str | None, events: int) -> argparse.ArgumentParser:
+    """The options of a bench over pre-filled topics (:func:`prefilled`): the input and --keep."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=events)
     parser.add_argument("--hours", type=int, default=4)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--keep", action="store_true", help="keep the bench's topics and databases")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = input_parser(__doc__, events=200_000)
     parser.add_argument("--profile", metavar="PATH", help="run the worker under pyinstrument, report to PATH")
-    parser.add_argument("--keep", action="store_true", help="keep the bench's topics and database")
     args = parser.parse_args(argv)
     err = Console(stderr=True)
     total = args.events // args.hours * args.hours
     with prefilled("bench", args.events, args.hours, args.seed, err, args.keep) as (settings, _, expected):
         err.print("baseline: plain aiokafka consumer, read + json.loads ...")
-        baseline_seconds = asyncio.run(plain_consumer(settings.kafka_bootstrap, list(source_topics(settings)), settings.partitions, total))
+        baseline_seconds = asyncio.run(plain_consumer(settings, total))
         err.print("streamagg: one worker process, first read to last hour row committed ...")
         worker_seconds = worker_end_to_end(settings, total, expected, err, args.profile)
     baseline_rate = total / baseline_seconds
