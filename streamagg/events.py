@@ -41,6 +41,7 @@ class Reason(StrEnum):
     INVALID_NUMBER = "invalid_number"  # a number is NaN, infinite or negative
     INVALID_TIMESTAMP = "invalid_timestamp"  # a timestamp cannot be parsed or is out of range
     VALUE_TOO_LONG = "value_too_long"  # a dimension value longer than 256 characters
+    INVALID_TEXT = "invalid_text"  # a dimension value PostgreSQL's text cannot hold (NUL, lone surrogate)
     TOO_LATE = "too_late"  # older than the watermark minus the maximum lateness
 
 
@@ -207,6 +208,14 @@ def _dimension(name: str, value: object) -> str:
     text = _identifier(name, value)
     if len(text) > MAX_DIMENSION_LENGTH:
         raise Rejected(Reason.VALUE_TOO_LONG, f"{name!r} has {len(text)} characters, more than {MAX_DIMENSION_LENGTH}")
+    # Valid JSON, but no PostgreSQL text: stored, it would fail every flush of its hour for good.
+    if "\x00" in text:
+        raise Rejected(Reason.INVALID_TEXT, f"{name!r} contains a NUL character")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Rejected(Reason.INVALID_TEXT, f"{name!r} contains a lone surrogate, which UTF-8 cannot encode") from None
     return text
 
 

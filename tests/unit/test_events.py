@@ -65,6 +65,10 @@ def test_valid_trace_is_normalised() -> None:
         (json.dumps({**TRACE, "started_at": 10**17}), Reason.INVALID_TIMESTAMP),
         (json.dumps({**TRACE, "operation_type": "x" * 257}), Reason.VALUE_TOO_LONG),
         (json.dumps({**TRACE, "user_id": "u" * 257}), Reason.VALUE_TOO_LONG),
+        # Valid JSON that PostgreSQL's text cannot hold: it stalled every flush of its hour.
+        (json.dumps({**TRACE, "user_id": "a\x00b"}), Reason.INVALID_TEXT),
+        (json.dumps({**TRACE, "operation_type": "\ud800"}), Reason.INVALID_TEXT),
+        (json.dumps({**TRACE, "kb_id": "x\udc00\ud800"}), Reason.INVALID_TEXT),
         # These two raised out of decode (OverflowError, RecursionError): a worker crash loop.
         (json.dumps({**TRACE, "duration_ms": 10**400}), Reason.INVALID_NUMBER),
         (json.dumps({**TRACE, "extra": [[]]}).replace("[[]]", "[" * 100_000 + "]" * 100_000), Reason.INVALID_JSON),
@@ -133,6 +137,7 @@ def test_reason_set_is_fixed() -> None:
         "invalid_number",
         "invalid_timestamp",
         "value_too_long",
+        "invalid_text",
         "too_late",
     }
 
