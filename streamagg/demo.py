@@ -215,7 +215,8 @@ async def wait_for_rows(
     status: object,
 ) -> dict[Granularity, float]:
     """Until every expected row (by granularity, key: count) is stored with its count; returns
-    when (``time.monotonic()``) each granularity's row totals were first complete.
+    when (``time.monotonic()``) each granularity's row totals were first seen complete, for good:
+    the poll that saw them, not the row-by-row check that confirms them afterwards.
 
     Polls row totals (one row back per granularity, so the wait takes no CPU from the worker
     it waits for) and compares every row only once the totals match."""
@@ -234,9 +235,12 @@ async def wait_for_rows(
             except StreamaggError:
                 stored = {g: (0, 0) for g in expected}  # the worker has not created the schema yet
             status.update(f"waiting for the {what}: {sum(n for n, _ in stored.values()):,}/{rows_wanted:,} rows")  # type: ignore[attr-defined]
+            polled = time.monotonic()
             for granularity in expected:
                 if stored[granularity] == totals[granularity]:
-                    complete.setdefault(granularity, time.monotonic())
+                    complete.setdefault(granularity, polled)
+                else:  # incomplete again (a row rewritten): its time is that of a later poll
+                    complete.pop(granularity, None)
             if stored == totals and await rows_match(store, expected):
                 return complete
             if time.monotonic() > deadline:
