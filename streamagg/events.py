@@ -24,9 +24,11 @@ EventKind = Literal["traces", "spans", "document_events", "chat_messages"]
 EVENT_KINDS: Final[tuple[EventKind, ...]] = ("traces", "spans", "document_events", "chat_messages")
 
 MAX_DIMENSION_LENGTH: Final = 256
-# The range of datetime (years 1..9999), which PostgreSQL's timestamptz also covers.
-_MIN_EPOCH_MS: Final = -62_135_596_800_000
-_MAX_EPOCH_MS: Final = 253_402_300_799_999
+# Event times whose hour, day and week buckets start and end within datetime's range (the store
+# writes bucket starts and reads up to bucket ends; PostgreSQL's timestamptz covers more): from
+# 0001-01-01, a Monday, up to the Monday of 9999's last week, which ends in the year 10000.
+_MIN_EPOCH_MS: Final = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+_MAX_EPOCH_MS: Final = 253_401_868_799_999  # 9999-12-26T23:59:59.999Z
 # orjson reads integer literals outside [-2**63, 2**64) as floats, all of magnitude >= 2**63.
 _WIDE_INTEGER: Final = 2.0**63
 
@@ -67,6 +69,8 @@ class Schema:
     time_field: str
     required: tuple[tuple[str, FieldType], ...]
     optional: tuple[tuple[str, FieldType], ...]
+    # Numbers a metric adds up (the catalogue's llm.tokens): their sum must be finite too.
+    sums: tuple[tuple[str, ...], ...] = ()
 
 
 SCHEMAS: Final[dict[EventKind, Schema]] = {
@@ -100,6 +104,7 @@ SCHEMAS: Final[dict[EventKind, Schema]] = {
             ("kb_id", "dim"),
             ("status", "str"),
         ),
+        sums=(("prompt_tokens", "completion_tokens"),),
     ),
     "document_events": Schema(
         "document_events",
@@ -169,7 +174,7 @@ def validate(kind: EventKind, obj: object) -> Event:
     """Validate an already parsed JSON value (the generator and tests build objects directly)."""
     if not isinstance(obj, dict):
         raise Rejected(Reason.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
-    required, optional, time_field = _VALIDATORS[kind]
+    required, optional, time_field, sums = _VALIDATORS[kind]
     get = obj.get
     fields: dict[str, Any] = {}
     for name, check in required:
@@ -181,6 +186,8 @@ def validate(kind: EventKind, obj: object) -> Event:
         value = get(name)
         if value is not None:
             fields[name] = check(name, value)
+    for names in sums:  # two finite numbers can add up to one that is not: 1e308 + 1e308
+        _number(" + ".join(names), sum([fields.get(name, 0) for name in names]))
     return Event(kind, fields[time_field], fields)
 
 
@@ -234,10 +241,10 @@ def parse_timestamp(name: str, value: object) -> int:
             raise Rejected(Reason.INVALID_TIMESTAMP, f"{name!r}: {value[:64]!r} is not RFC 3339") from exc
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-        try:
-            return to_ms(moment)
-        except OverflowError as exc:  # an offset pushing year 1 or 9999 out of range
-            raise Rejected(Reason.INVALID_TIMESTAMP, f"{name!r}: {value[:64]!r} is out of range") from exc
+        time_ms = to_ms(moment)  # an offset can take year 1 or 9999 past the range: checked below
+        if not _MIN_EPOCH_MS <= time_ms <= _MAX_EPOCH_MS:
+            raise Rejected(Reason.INVALID_TIMESTAMP, f"{name!r}: {value[:64]!r} is out of range")
+        return time_ms
     if isinstance(value, int) and not isinstance(value, bool):
         if not _MIN_EPOCH_MS <= value <= _MAX_EPOCH_MS:
             raise Rejected(Reason.INVALID_TIMESTAMP, f"{name!r}: epoch milliseconds {value} out of range")
@@ -261,12 +268,13 @@ _CHECKS: Final[dict[FieldType, Callable[[str, object], Any]]] = {
     "time": parse_timestamp,
 }
 Checks = tuple[tuple[str, Callable[[str, object], Any]], ...]
-# Per kind: (required field checks, optional field checks, the time field), built once.
-_VALIDATORS: Final[dict[EventKind, tuple[Checks, Checks, str]]] = {
+# Per kind: (required field checks, optional field checks, the time field, the sums), built once.
+_VALIDATORS: Final[dict[EventKind, tuple[Checks, Checks, str, tuple[tuple[str, ...], ...]]]] = {
     kind: (
         tuple((name, _CHECKS[ftype]) for name, ftype in schema.required),
         tuple((name, _CHECKS[ftype]) for name, ftype in schema.optional),
         schema.time_field,
+        schema.sums,
     )
     for kind, schema in SCHEMAS.items()
 }

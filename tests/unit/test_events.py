@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from streamagg.buckets import bucket_start_ms, to_datetime, width_ms
 from streamagg.events import EVENT_KINDS, SCHEMAS, Reason, Rejected, decode, parse_json, parse_json_reference, validate
 from streamagg.synth import Synth
 
@@ -78,6 +79,18 @@ def test_rejection_reasons(raw: bytes | str, reason: Reason) -> None:
     assert reason_of("traces", raw) is reason
 
 
+LLM_SPAN = '{"span_id":"s","trace_id":"t","span_type":"llm","started_at":0,"duration_ms":1,%s}'
+
+
+@pytest.mark.parametrize("digits", ["1" + "0" * 308, "1e308"])  # an integer as Python adds it, and a float
+def test_token_counts_whose_sum_is_not_finite_are_rejected(digits: str) -> None:
+    """Each count is finite, their sum (llm.tokens' value) is not: it raised OverflowError in the
+    aggregation (a crash loop: the batch was replayed after each restart), or made sums infinite."""
+    tokens = f'"prompt_tokens":{digits},"completion_tokens":{digits}'
+    assert reason_of("spans", LLM_SPAN % tokens) is Reason.INVALID_NUMBER
+    assert decode("spans", LLM_SPAN % tokens.replace(',"completion_tokens"', ',"other"')).fields["prompt_tokens"] > 0
+
+
 def test_dimension_of_exactly_256_characters_is_accepted() -> None:
     assert validate("traces", {**TRACE, "user_id": "u" * 256}).fields["user_id"] == "u" * 256
 
@@ -115,10 +128,38 @@ def test_every_kind_needs_each_required_field(kind: str, event: dict) -> None:
         (ms(2026, 11, 26, 13), ms(2026, 11, 26, 13)),
         (0, 0),
         (-1, -1),  # before the epoch still buckets correctly
+        ("0001-01-01T00:00:00Z", ms(1, 1, 1)),  # the first and the last accepted instant
+        ("9999-12-26T23:59:59.999Z", ms(9999, 12, 27) - 1),
     ],
 )
 def test_timestamps(stamp: str | int, expected: int) -> None:
     assert validate("traces", {**TRACE, "started_at": stamp}).time_ms == expected
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "0001-01-01T00:00:00+01:00",  # year 0 once the offset is applied
+        "9999-12-31T23:30:00-01:00",  # year 10000 once the offset is applied
+        "9999-12-27T00:00:00Z",  # its week ends in the year 10000
+        ms(9999, 12, 31, 21),
+        ms(1, 1, 1) - 1,
+    ],
+)
+def test_times_whose_buckets_leave_datetime_are_rejected(stamp: str | int) -> None:
+    """They were accepted and made every flush or roll-up of their bucket raise OverflowError
+    (a crash loop: the keys were restored and flushed again after each restart)."""
+    with pytest.raises(Rejected) as info:
+        validate("traces", {**TRACE, "started_at": stamp})
+    assert info.value.reason is Reason.INVALID_TIMESTAMP
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00Z", "9999-12-26T23:59:59.999Z"])
+def test_every_bucket_of_an_accepted_time_starts_and_ends_in_range(stamp: str) -> None:
+    time_ms = validate("traces", {**TRACE, "started_at": stamp}).time_ms
+    for granularity in ("hour", "day", "week"):
+        start = bucket_start_ms(time_ms, granularity)
+        assert to_datetime(start + width_ms(granularity)) > to_datetime(start)  # OverflowError if not
 
 
 def test_rejection_carries_detail() -> None:
