@@ -146,8 +146,11 @@ class Agg:
         if self.sketch is None:
             return None
         total = exact.rounded(self.total)
-        p50, p95, p99 = self.sketch.quantiles(QUANTILE_RANKS)
-        return Summary(total, self.min, self.max, total / self.count, p50, p95, p99)
+        # Every quantile lies within the exact [min, max]; a REQ sketch's float32 items do not
+        # (one event of 0.1 read 0.10000000149): clamped, a single event's percentiles are its value.
+        low, high = self.min, self.max
+        p50, p95, p99 = [min(max(q, low), high) for q in self.sketch.quantiles(QUANTILE_RANKS)]
+        return Summary(total, low, high, total / self.count, p50, p95, p99)
 
     def to_row(self, key: Key, granularity: Granularity, sketch_bytes: bytes | None = None) -> Row:
         """The row of this aggregate; ``sketch_bytes``, when given, are its sketch already serialised."""

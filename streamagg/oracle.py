@@ -84,6 +84,8 @@ def exact_rollup(hours: dict[Key, Exact], granularity: str) -> dict[Key, tuple[E
 
 
 def quantiles(values: list[float], dtype: type = np.float64) -> list[float]:
-    """p50/p95/p99 by PERCENTILE_CONT over the values as the sketch stores them (dtype)."""
+    """p50/p95/p99 by PERCENTILE_CONT over the values as the sketch stores them (dtype), within
+    the values' own [min, max] (a float32 item can lie just outside it)."""
     stored = [float(dtype(v)) for v in values]
-    return [percentile_cont(stored, rank) for rank in (0.5, 0.95, 0.99)]
+    low, high = min(values), max(values)
+    return [min(max(percentile_cont(stored, rank), low), high) for rank in (0.5, 0.95, 0.99)]

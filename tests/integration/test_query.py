@@ -138,7 +138,7 @@ def assert_equals_merged_hours(results: list[QueryRow], request: RangeQuery, tel
             merged.merge(Sketch.deserialize(row.sketch_kind, row.sketch))  # type: ignore[arg-type]
         estimates = [result.p50, result.p95, result.p99]
         if merged.is_exact:
-            assert estimates == merged.quantiles(RANKS) == quantiles(values, np.float32), key
+            assert estimates == quantiles(values, np.float32), key  # the merged sketch's, within [min, max]
         else:
             for rank, estimate in zip(RANKS, estimates, strict=True):
                 assert rank_error(values, estimate, rank) <= RANK_TOLERANCE, (key, rank)

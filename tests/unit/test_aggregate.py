@@ -325,3 +325,27 @@ def test_dirty_keys_and_eviction() -> None:
     taken = state.pop_hours([hour])
     assert taken and all(key[0] == hour for key in taken)
     assert hour not in state.hours()
+
+
+@pytest.mark.parametrize("kind", ["req-hra-k128", "req-hra-k12", "kll-k200"])
+@pytest.mark.parametrize("value", [0.1, 123.456, 16777217.0, 1e-320, 3.5e38, 0.0])
+def test_a_single_value_is_every_statistic_of_its_bucket(kind: str, value: float) -> None:
+    """CONTRACT section 3: one event gives min = max = avg = p50 = p95 = p99 = its value. REQ
+    keeps float32 items (0.1 read 0.10000000149011612 before the clamp), also after a round trip."""
+    agg = Agg(Kind.parse(kind))
+    agg.add(value, 0)
+    restored = Agg.from_row(agg.to_row((0, "trace.duration_ms", None, None), "hour"))
+    for summary in (agg.summary(), restored.summary()):
+        assert summary is not None
+        assert (summary.min, summary.max, summary.avg, summary.p50, summary.p95, summary.p99) == (value,) * 6
+
+
+def test_percentiles_stay_within_min_and_max() -> None:
+    rng = random.Random(5)
+    for _ in range(200):
+        agg = Agg(Kind.parse("req-hra-k128"))
+        for value in [rng.uniform(0.1, 1000.0) for _ in range(rng.randrange(1, 40))]:
+            agg.add(value, 0)
+        summary = agg.summary()
+        assert summary is not None
+        assert summary.min <= summary.p50 <= summary.p95 <= summary.p99 <= summary.max
