@@ -315,7 +315,7 @@ class Runtime:
         # Buffered send; the next checkpoint awaits its delivery before the source offset is
         # committed, so a dead letter is never lost.
         delivery = await self.app.producer.send(
-            self.deadletter.get_topic_name(), None, letter.message.value or b"", None, None, letter.headers()
+            self.deadletter.get_topic_name(), None, letter.value(), None, None, letter.headers()
         )
         self._pending_deliveries.append(delivery)
 

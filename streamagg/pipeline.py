@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
 
+# A dead letter carries its message's value unchanged up to this size and is cut there past it,
+# with a ``truncated_from`` header (the value's size); the whole message stays in its source topic
+# at the offset the headers give. A producer's compressed batch can hold a value larger than the
+# broker takes uncompressed (1,048,588 bytes a batch by default), and a dead letter is sent
+# uncompressed: refused, it stopped the worker at every restart.
+MAX_DEAD_LETTER_VALUE = 1_000_000
+
 
 @dataclass(frozen=True, slots=True)
 class RawMessage:
@@ -40,14 +47,21 @@ class DeadLetter:
     reason: Reason
     detail: str
 
+    def value(self) -> bytes:
+        return (self.message.value or b"")[:MAX_DEAD_LETTER_VALUE]
+
     def headers(self) -> list[tuple[str, bytes]]:
-        return [
+        headers = [
             ("reason", self.reason.value.encode()),
             ("source_topic", self.message.topic.encode()),
             ("source_partition", str(self.message.partition).encode()),
             ("source_offset", str(self.message.offset).encode()),
             ("detail", self.detail[:500].encode()),
         ]
+        size = len(self.message.value or b"")
+        if size > MAX_DEAD_LETTER_VALUE:
+            headers.append(("truncated_from", str(size).encode()))
+        return headers
 
 
 @dataclass

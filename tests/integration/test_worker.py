@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streamagg.aggregate import Row
 from streamagg.buckets import HOUR_MS, bucket_start_ms
@@ -167,3 +167,37 @@ def test_two_workers_in_one_group(scenario: Callable[..., Scenario]) -> None:
     a = metric(port_a, "observability_aggregation_records_processed_total") or 0
     b = metric(port_b, "observability_aggregation_records_processed_total") or 0
     assert a > 0 and b > 0  # both took part
+
+
+def test_a_bad_message_too_large_to_send_again_is_dead_lettered_cut(scenario: Callable[..., Scenario]) -> None:
+    """A producer's compressed batch can hold a value larger than the broker takes uncompressed:
+    sent on unchanged, its dead letter was refused (MESSAGE_TOO_LARGE), which stopped the worker
+    at every restart. It is cut to size, with the headers saying so."""
+    world = scenario(hours=1, per_hour=300, seed=16)
+    world.produce()
+    oracle = world.oracle()
+    huge = b"{" + b"x" * 3_000_000  # not JSON; gzip takes it to a few KB
+    producer = KafkaProducer(bootstrap_servers=world.settings.kafka_bootstrap, compression_type="gzip", max_request_size=8_000_000)
+    producer.send(world.settings.topic("traces"), huge)
+    producer.flush()
+    producer.close()
+    worker, port = world.start_worker()
+    wait_for("hour rows", counts_match(world, oracle), world.workers)
+    assert_equal_to_oracle(world, oracle)
+    wait_for("the dead letter", lambda: metric(port, "observability_events_rejected_total", '{reason="invalid_json"}') == 1, world.workers)
+    consumer = KafkaConsumer(bootstrap_servers=world.settings.kafka_bootstrap, enable_auto_commit=False, fetch_max_bytes=8_000_000)
+    parts = [TopicPartition(world.settings.topic("deadletter"), p) for p in range(4)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    letters: list = []
+    deadline = time.monotonic() + 30
+    while not letters and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            letters.extend(records)
+    consumer.close()
+    assert len(letters) == 1
+    headers = dict(letters[0].headers)
+    assert headers["reason"] == b"invalid_json" and headers["truncated_from"] == str(len(huge)).encode()
+    assert letters[0].value == huge[: len(letters[0].value)] and 0 < len(letters[0].value) < 1_048_588
+    world.stop_all()
+    assert worker.returncode == 0
