@@ -296,7 +296,7 @@ class Runtime:
             return batch
         ready = self._ready
         messages = [
-            RawMessage(r.topic, r.partition, r.offset, r.value)
+            RawMessage(r.topic, r.partition, r.offset, r.value, r.timestamp)
             for tp, records in batch.items()
             if tp in ready
             for r in records

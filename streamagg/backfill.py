@@ -251,16 +251,16 @@ class PartitionReplay:
             self.watermark_ms is not None and self.watermark_ms >= self.hours.end_ms + self.max_lateness_ms
         )
 
-    def feed(self, records: Iterable[tuple[int, bytes | None]]) -> None:
-        """The next records of the partition, ``(offset, value)`` in offset order."""
+    def feed(self, records: Iterable[tuple[int, bytes | None, int]]) -> None:
+        """The next records of the partition, ``(offset, value, timestamp)`` in offset order."""
         events: list[Event] = []
-        for offset, value in records:
+        for offset, value, timestamp_ms in records:
             if offset >= self.window.end:
                 break
             self.covered = offset
             self.records += 1
             try:
-                events.append(decode(self.kind, value or b""))
+                events.append(decode(self.kind, value or b"", timestamp_ms))
             except Rejected:
                 self.rejected += 1
         if not events:
@@ -528,7 +528,7 @@ async def _replay(
             if replay is None:
                 continue
             before = replay.records
-            replay.feed((record.offset, record.value) for record in records)
+            replay.feed((record.offset, record.value, record.timestamp) for record in records)
             report.records += replay.records - before
             if telemetry is not None:
                 telemetry.events_replayed.inc(replay.records - before)

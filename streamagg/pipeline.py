@@ -39,6 +39,7 @@ class RawMessage:
     partition: int
     offset: int
     value: bytes | None
+    timestamp_ms: int | None = None  # the Kafka record's (events.MAX_AHEAD_OF_RECORD_MS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +141,7 @@ class Pipeline:
             valid_messages = []  # valid[i] came from valid_messages[i]
             for message in group:
                 try:
-                    valid.append((message.offset, decode(kind, message.value or b"")))
+                    valid.append((message.offset, decode(kind, message.value or b"", message.timestamp_ms)))
                     valid_messages.append(message)
                 except Rejected as exc:
                     dead.append(DeadLetter(message, exc.reason, exc.detail))

@@ -183,9 +183,11 @@ def test_admit_of_nothing_keeps_the_watermark() -> None:
 
 
 # -- a partition's replay -----------------------------------------------------------------------
-def _partition_log(seed: int) -> list[tuple[int, bytes]]:
+def _partition_log(seed: int) -> list[tuple[int, bytes, int]]:
     """One traces partition, offsets 0..: mostly in order, some events delayed (late, within
-    lateness or not), a few far too old, a few that do not decode. Timestamps = event times."""
+    lateness or not), a few far too old, a few far ahead of their record's timestamp (2099), a
+    few that do not decode. ``(offset, value, record timestamp)``; record timestamps are the
+    event times of the events in order."""
     rng = random.Random(seed)
     events = _traces(seed, 8, 400, START_MS)
     delayed = sorted(events, key=lambda e: _time(e) + (rng.randrange(0, 3 * HOUR_MS) if rng.random() < 0.1 else 0))
@@ -193,18 +195,22 @@ def _partition_log(seed: int) -> list[tuple[int, bytes]]:
     for _ in range(15):
         old = dict(rng.choice(events), started_at=START_MS + rng.randrange(0, 2 * HOUR_MS))
         values.insert(rng.randrange(len(values) // 2, len(values)), json.dumps(old).encode())
+    for _ in range(3):
+        ahead = dict(rng.choice(events), started_at="2099-01-01T00:00:00Z")
+        values.insert(rng.randrange(len(values) // 4), json.dumps(ahead).encode())
     for bad in (b"not json", b"[]", json.dumps({"trace_id": "x"}).encode()):
         values.insert(rng.randrange(len(values)), bad)
-    return list(enumerate(values))
+    stamps = [_time(event) for event in sorted(events, key=_time)]
+    return [(offset, value, stamps[min(offset, len(stamps) - 1)]) for offset, value in enumerate(values)]
 
 
 def _time(event: dict) -> int:
     return decode("traces", json.dumps(event)).time_ms
 
 
-def _event_time(value: bytes) -> int | None:
+def _event_time(value: bytes, record_ms: int) -> int | None:
     try:
-        return decode("traces", value).time_ms
+        return decode("traces", value, record_ms).time_ms
     except Rejected:
         return None
 
@@ -217,12 +223,13 @@ def test_replay_from_the_window_equals_the_live_worker_from_the_beginning(seed: 
     log = _partition_log(seed)
     hours = HourRange(START_MS + 3 * HOUR_MS, START_MS + 5 * HOUR_MS)
     live = PartitionState("t.traces", 0, kinds(), 10_000, lambda: START_MS)
-    valid = [(offset, decode("traces", value)) for offset, value in log if _event_time(value) is not None]
+    valid = [(offset, decode("traces", value, stamp)) for offset, value, stamp in log if _event_time(value, stamp) is not None]
     for i in range(0, len(valid), 97):
         live.ingest(valid[i : i + 97], LATENESS_MS)
     expected = {row.key: stats(row) for row in live.aggregates.rows() if hours.start_ms <= row.bucket_ms < hours.end_ms}
+    assert live.watermark_ms is not None and live.watermark_ms < hours.end_ms + 8 * HOUR_MS  # 2099 was refused
 
-    start = next(offset for offset, value in log if (_event_time(value) or 0) >= hours.start_ms - LATENESS_MS)
+    start = next(offset for offset, value, stamp in log if (_event_time(value, stamp) or 0) >= hours.start_ms - LATENESS_MS)
     replay = PartitionReplay(Window("t.traces", 0, start, len(log), len(log)), "traces", AggregateState(kinds(), 10_000),
                              hours, LATENESS_MS)  # fmt: skip
     position = start
