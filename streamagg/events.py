@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final, Literal
 
@@ -34,6 +35,9 @@ MAX_AHEAD_OF_RECORD_MS: Final = 24 * 3_600_000
 # 0001-01-01, a Monday, up to the Monday of 9999's last week, which ends in the year 10000.
 _MIN_EPOCH_MS: Final = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 _MAX_EPOCH_MS: Final = 253_401_868_799_999  # 9999-12-26T23:59:59.999Z
+# A leap second, 23:59:60 (RFC 3339 allows it; datetime does not): read as 23:59:59 plus a
+# second, which is the next day's 00:00:00, as PostgreSQL reads it.
+_LEAP_SECOND = re.compile(r"(?<=T\d\d:\d\d:)60")
 # orjson reads integer literals outside [-2**63, 2**64) as floats, all of magnitude >= 2**63.
 _WIDE_INTEGER: Final = 2.0**63
 
@@ -246,10 +250,9 @@ def _string(name: str, value: object) -> str:
 def parse_timestamp(name: str, value: object) -> int:
     """RFC 3339 text (no offset means UTC) or integer epoch milliseconds -> epoch milliseconds."""
     if isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value.upper())
-        except ValueError as exc:
-            raise Rejected(Reason.INVALID_TIMESTAMP, f"{name!r}: {value[:64]!r} is not RFC 3339") from exc
+        moment = _from_rfc3339(value.upper())
+        if moment is None:
+            raise Rejected(Reason.INVALID_TIMESTAMP, f"{name!r}: {value[:64]!r} is not RFC 3339")
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
         time_ms = to_ms(moment)  # an offset can take year 1 or 9999 past the range: checked below
@@ -263,6 +266,21 @@ def parse_timestamp(name: str, value: object) -> int:
     raise Rejected(
         Reason.WRONG_TYPE, f"{name!r} must be an RFC 3339 string or integer epoch milliseconds, got {_json_type(value)}"
     )
+
+
+def _from_rfc3339(text: str) -> datetime | None:
+    """``datetime.fromisoformat``, and a leap second (``:60``) as the next second; None if neither."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        pass
+    leap = _LEAP_SECOND.sub("59", text, count=1)
+    if leap != text:
+        try:
+            return datetime.fromisoformat(leap) + timedelta(seconds=1)
+        except (ValueError, OverflowError):  # not RFC 3339 otherwise either; or past 9999
+            pass
+    return None
 
 
 def _json_type(value: object) -> str:

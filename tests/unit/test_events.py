@@ -128,6 +128,8 @@ def test_every_kind_needs_each_required_field(kind: str, event: dict) -> None:
         (ms(2026, 11, 26, 13), ms(2026, 11, 26, 13)),
         (0, 0),
         (-1, -1),  # before the epoch still buckets correctly
+        ("2016-12-31T23:59:60Z", ms(2017, 1, 1)),  # a leap second: the next second, as PostgreSQL reads it
+        ("2016-12-31t23:59:60.5+00:00", ms(2017, 1, 1) + 500),
         ("0001-01-01T00:00:00Z", ms(1, 1, 1)),  # the first and the last accepted instant
         ("9999-12-26T23:59:59.999Z", ms(9999, 12, 27) - 1),
     ],
@@ -142,6 +144,8 @@ def test_timestamps(stamp: str | int, expected: int) -> None:
         "0001-01-01T00:00:00+01:00",  # year 0 once the offset is applied
         "9999-12-31T23:30:00-01:00",  # year 10000 once the offset is applied
         "9999-12-27T00:00:00Z",  # its week ends in the year 10000
+        "9999-12-31T23:59:60Z",  # a leap second past datetime's last second
+        "2016-12-31T23:60:59Z",  # only seconds may read 60
         ms(9999, 12, 31, 21),
         ms(1, 1, 1) - 1,
     ],
