@@ -6,10 +6,11 @@ which stored rows a rebuilt hour must lose); the I/O part replays and writes:
 * an aiokafka consumer without a group (``group_id=None``, manual ``assign``): it never joins
   the live worker's group and never commits, so a running worker is undisturbed;
 * each topic-partition is read from the first offset whose timestamp is >= from - max lateness
-  up to its end when the backfill started, and stops early once its watermark passes
-  to + max lateness (no later event can count for the range then);
-* every partition has its own watermark and fresh AggregateState, with the live worker's
-  lateness rule, so the partials equal what the live worker computes for the same hours;
+  (an event may run that far ahead of its record's timestamp) up to its end when the backfill
+  started: an event of the range can come at any later offset;
+* every event of the rebuilt hours goes into a fresh AggregateState per partition, also those
+  the live worker dead-lettered as too late (CONTRACT section 2: "so a backfill can still count
+  it"); without them, the partials equal the live worker's for the same hours;
 * results go through the live worker's write path (``Store.write_partials_of``) as partials
   fenced by source offset, one transaction per chunk of keys of one hour; stored partials the
   replay found nothing for are retired, so a rebuilt hour holds exactly what the topics hold;
@@ -111,7 +112,6 @@ class PartitionFacts:
     beginning: int  # first retained offset; > 0 means records were deleted (retention, delete_records)
     end: int  # the offset the next record gets
     start: int | None  # first offset with a timestamp >= from - max lateness (None: no such record)
-    stop: int | None  # first offset with a timestamp >= to + max lateness (None: no such record)
     first_retained_ms: int | None = None  # timestamp of the first retained record, when it matters
 
     @property
@@ -138,7 +138,6 @@ class Window:
     partition: int
     start: int
     end: int  # the partition's end when the backfill started: later records are the live worker's
-    expected_end: int  # where the time lookup says the window ends (progress only)
 
     @property
     def tp(self) -> TopicPartitionId:
@@ -154,14 +153,15 @@ class Plan:
 
     @property
     def expected_records(self) -> int:
-        return sum(w.expected_end - w.start for w in self.windows)
+        return sum(w.end - w.start for w in self.windows)
 
 
 def first_rebuildable_hour(first_retained_ms: int, max_lateness_ms: int) -> int:
     """The first hour none of whose window [hour - max lateness, ...) was deleted, given the time
     of the first retained record: Kafka deletes from the start of the log, so (times in offset
     order) every deleted record is at most that old, and an hour more than max lateness after it
-    needs none of them. Strictly after: a deleted record may carry that very millisecond."""
+    needs none of them (no event runs further ahead of its record). Strictly after: a deleted
+    record may carry that very millisecond."""
     return bucket_start_ms(first_retained_ms + max_lateness_ms, "hour") + HOUR_MS
 
 
@@ -206,8 +206,7 @@ def plan(requested: HourRange, facts: Sequence[PartitionFacts], max_lateness_ms:
         start = f.start if f.start is not None else f.beginning if f.beginning > 0 else f.end
         if f.needs_first_retained():
             start = f.beginning
-        expected = f.end if f.stop is None else max(start, min(f.stop, f.end))
-        windows.append(Window(f.topic, f.partition, start, f.end, expected))
+        windows.append(Window(f.topic, f.partition, start, f.end))
     return Plan(requested, hours, tuple(windows), tuple(sorted(skipped)))
 
 
@@ -225,8 +224,8 @@ def admit(times_ms: np.ndarray, watermark_ms: int | None, max_lateness_ms: int) 
 
 
 class PartitionReplay:
-    """One source partition replayed through its window: decode, the live worker's lateness
-    rule, then the events of the rebuilt hours into a fresh aggregate state."""
+    """One source partition replayed through its window: decode, then every event of the rebuilt
+    hours into a fresh aggregate state, counting those the live worker's lateness rule drops."""
 
     def __init__(
         self, window: Window, kind: EventKind, aggregates: AggregateState, hours: HourRange, max_lateness_ms: int
@@ -241,15 +240,12 @@ class PartitionReplay:
         self.covered = window.start - 1
         self.records = 0
         self.rejected = 0  # the live worker dead-letters these
-        self.too_late = 0
+        self.too_late = 0  # events of the rebuilt hours the live worker dead-lettered as too late
 
     @property
     def done(self) -> bool:
-        """At the end of the window, or the watermark passed to + max lateness: an event of the
-        range read after that would be too late."""
-        return self.covered >= self.window.end - 1 or (
-            self.watermark_ms is not None and self.watermark_ms >= self.hours.end_ms + self.max_lateness_ms
-        )
+        """At the end of the window: a too-late event of the range can come at any offset."""
+        return self.covered >= self.window.end - 1
 
     def feed(self, records: Iterable[tuple[int, bytes | None, int]]) -> None:
         """The next records of the partition, ``(offset, value, timestamp)`` in offset order."""
@@ -260,15 +256,16 @@ class PartitionReplay:
             self.covered = offset
             self.records += 1
             try:
-                events.append(decode(self.kind, value or b"", timestamp_ms))
+                events.append(decode(self.kind, value or b"", timestamp_ms, self.max_lateness_ms))
             except Rejected:
                 self.rejected += 1
         if not events:
             return
         times = np.fromiter((event.time_ms for event in events), dtype=np.int64, count=len(events))
         admitted, self.watermark_ms = admit(times, self.watermark_ms, self.max_lateness_ms)
-        self.too_late += len(events) - int(np.count_nonzero(admitted))
-        wanted = np.flatnonzero(admitted & (times >= self.hours.start_ms) & (times < self.hours.end_ms))
+        in_range = (times >= self.hours.start_ms) & (times < self.hours.end_ms)
+        self.too_late += int(np.count_nonzero(in_range & ~admitted))
+        wanted = np.flatnonzero(in_range)
         if wanted.size:
             self.aggregates.ingest([events[i] for i in wanted.tolist()])
 
@@ -378,7 +375,7 @@ class Report:
     rollups: dict[str, WriteResult] = field(default_factory=dict)
     records: int = 0
     rejected: int = 0
-    too_late: int = 0
+    too_late: int = 0  # events of the rebuilt hours the live worker dead-lettered as too late, counted here
     seconds: float = 0.0
 
     @property
@@ -451,11 +448,7 @@ async def _partition_facts(
     beginning = await consumer.beginning_offsets(tps)
     end = await consumer.end_offsets(tps)
     starts = await consumer.offsets_for_times({tp: max(0, requested.start_ms - max_lateness_ms) for tp in tps})
-    stops = await consumer.offsets_for_times({tp: requested.end_ms + max_lateness_ms for tp in tps})
-    facts = [
-        PartitionFacts(tp.topic, tp.partition, beginning[tp], end[tp], _offset(starts.get(tp)), _offset(stops.get(tp)))
-        for tp in tps
-    ]
+    facts = [PartitionFacts(tp.topic, tp.partition, beginning[tp], end[tp], _offset(starts.get(tp))) for tp in tps]
     wanted = {TopicPartition(*f.tp): f.beginning for f in facts if f.needs_first_retained()}
     firsts = await _first_record_times(consumer, wanted)
     return [replace(f, first_retained_ms=firsts.get(TopicPartition(*f.tp))) for f in facts]

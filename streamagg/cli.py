@@ -364,6 +364,8 @@ def backfill(settings: Settings, start: int | None, end: int | None, allow_parti
     for granularity, result in report.rollups.items():
         summary += f"; {granularity} rows: {result.inserted} inserted, {result.updated} changed, {result.deleted} deleted"
     summary += f"; {report.records:,} events replayed in {report.seconds:.1f} s ({rate:,.0f} events/s)"
+    if report.too_late:
+        summary += f", {report.too_late:,} of them too late for the live worker and counted here"
     if report.plan.skipped:
         summary += f"; left alone: {', '.join(f'{t}[{p}]' for t, p in report.plan.skipped)}"
     click.echo(summary, err=True)

@@ -25,11 +25,6 @@ EventKind = Literal["traces", "spans", "document_events", "chat_messages"]
 EVENT_KINDS: Final[tuple[EventKind, ...]] = ("traces", "spans", "document_events", "chat_messages")
 
 MAX_DIMENSION_LENGTH: Final = 256
-# How far an event time may run ahead of its Kafka record's timestamp. The watermark is the
-# newest event time seen: one event of a producer whose clock says 2099 would otherwise close
-# every hour of its partition early and make every later event on it too late, for good (the
-# checkpoint keeps the watermark, and a backfill's replay applies the same rule).
-MAX_AHEAD_OF_RECORD_MS: Final = 24 * 3_600_000
 # Event times whose hour, day and week buckets start and end within datetime's range (the store
 # writes bucket starts and reads up to bucket ends; PostgreSQL's timestamptz covers more): from
 # 0001-01-01, a Monday, up to the Monday of 9999's last week, which ends in the year 10000.
@@ -143,14 +138,17 @@ class Event:
     fields: dict[str, Any]
 
 
-def decode(kind: EventKind, raw: bytes | str, record_ms: int | None = None) -> Event:
-    """Parse and validate one message value of topic ``kind``; ``record_ms``, the Kafka record's
-    timestamp (None or negative: none), bounds how far ahead of it the event time may be."""
+def decode(kind: EventKind, raw: bytes | str, record_ms: int | None = None, max_ahead_ms: int = 0) -> Event:
+    """Parse and validate one message value of topic ``kind``. With ``record_ms``, the Kafka
+    record's timestamp (negative: none), an event time more than ``max_ahead_ms`` (the maximum
+    lateness) ahead of it is refused: the watermark is the newest event time, and one event of
+    a producer whose clock said 2099 closed every hour of its partition and made every later
+    event on it too late, for good. Bounded by the lateness, no event moves the watermark so far
+    ahead of the records that an event on time is too late."""
     event = validate(kind, parse_json(raw))
-    if record_ms is not None and record_ms >= 0 and event.time_ms > record_ms + MAX_AHEAD_OF_RECORD_MS:
-        ahead = (event.time_ms - record_ms) / 3_600_000
-        raise Rejected(Reason.INVALID_TIMESTAMP, f"event time {event.time_ms} ms is {ahead:,.1f} h ahead of its "
-                                                 f"Kafka record's timestamp {record_ms} ms (at most 24 h)")  # fmt: skip
+    if record_ms is not None and record_ms >= 0 and event.time_ms > record_ms + max_ahead_ms:
+        raise Rejected(Reason.INVALID_TIMESTAMP, f"event time {event.time_ms} ms is more than the maximum lateness "
+                                                 f"({max_ahead_ms} ms) ahead of its Kafka record's timestamp {record_ms} ms")  # fmt: skip
     return event
 
 

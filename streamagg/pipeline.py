@@ -39,7 +39,7 @@ class RawMessage:
     partition: int
     offset: int
     value: bytes | None
-    timestamp_ms: int | None = None  # the Kafka record's (events.MAX_AHEAD_OF_RECORD_MS)
+    timestamp_ms: int | None = None  # the Kafka record's: bounds how far ahead the event time may be (events.decode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +141,7 @@ class Pipeline:
             valid_messages = []  # valid[i] came from valid_messages[i]
             for message in group:
                 try:
-                    valid.append((message.offset, decode(kind, message.value or b"", message.timestamp_ms)))
+                    valid.append((message.offset, decode(kind, message.value or b"", message.timestamp_ms, self._max_lateness_ms)))
                     valid_messages.append(message)
                 except Rejected as exc:
                     dead.append(DeadLetter(message, exc.reason, exc.detail))

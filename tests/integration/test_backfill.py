@@ -6,6 +6,7 @@ and predicts the real run; alone, it builds the oracle's rows and reports its pr
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from tests.integration.harness import (
     committed_offsets,
     committed_to_the_end,
     counts_match,
+    metric,
     source_partitions,
     wait_for,
 )
@@ -88,9 +90,9 @@ def run_worker_to_the_oracle(world: Scenario, oracle: dict) -> None:
 
 
 def test_beside_a_live_worker_twice_nothing_changes(scenario: Callable[..., Scenario]) -> None:
-    """The middle hour of three with 30 minutes of lateness: the replay starts and stops inside
-    the topics (where the live group's offsets are not), yet rows, revisions, the group's
-    committed offsets and the list of groups stay as they are."""
+    """The middle hour of three with 30 minutes of lateness: the replay starts inside the topics
+    and reads to their end, yet rows, revisions, the group's committed offsets and the list of
+    groups stay as they are."""
     world = scenario(hours=3, per_hour=1500, seed=31, STREAMAGG_MAX_LATENESS_SECONDS="1800")
     world.produce()
     oracle = world.oracle()
@@ -114,6 +116,34 @@ def test_beside_a_live_worker_twice_nothing_changes(scenario: Callable[..., Scen
         assert all_rows(world) == before
     assert worker.poll() is None  # undisturbed
     assert consumer_groups(world) == groups  # the backfill joined no group
+
+
+def test_an_event_too_late_for_the_live_worker_is_counted_by_a_backfill(scenario: Callable[..., Scenario]) -> None:
+    """CONTRACT section 2: an event older than the watermark minus the maximum lateness goes to
+    the dead letter as too_late, "so a backfill can still count it". Its hour and day gain it."""
+    world = scenario(hours=3, per_hour=300, seed=35, STREAMAGG_MAX_LATENESS_SECONDS="1800")
+    world.produce()
+    oracle = world.oracle()
+    _, port = world.start_worker()
+    wait_for("hour rows to match the oracle's counts", counts_match(world, oracle), world.workers)
+    hour = world.start_ms
+    late = {"trace_id": "late-1", "operation_type": "chat", "started_at": hour + 60_000, "duration_ms": 7.25, "status": "success"}
+    world.send_raw("traces", [json.dumps(late).encode()])
+    wait_for("the event dead-lettered as too late", lambda: metric(port, "observability_events_too_late_total") == 1, world.workers)
+    world.stop_all()
+    before = all_rows(world)
+
+    result = backfill_cli(world, "--from", iso(hour), "--to", iso(hour + HOUR_MS))
+    assert result.returncode == 0, result.stderr
+    assert "1 of them too late for the live worker and counted here" in result.stderr
+    gained = {(metric_name, dimension) for metric_name in ("trace.count", "trace.duration_ms") for dimension in (None, "chat")}
+    for granularity, rows in all_rows(world).items():
+        assert rows.keys() == before[granularity].keys()
+        for key, row in rows.items():
+            expected = before[granularity][key].count
+            if (key[1], key[3]) in gained and key[2] in (None, "operation_type") and key[0] <= hour:
+                expected += 1
+            assert row.count == expected, (granularity, key)
 
 
 def test_deleted_rows_come_back_identical(scenario: Callable[..., Scenario]) -> None:

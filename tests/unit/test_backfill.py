@@ -61,21 +61,20 @@ LATENESS_MS = 2 * HOUR_MS
 RANGE = HourRange(START_MS + 10 * HOUR_MS, START_MS + 13 * HOUR_MS)
 
 
-def facts(partition: int = 0, beginning: int = 0, end: int = 1000, start: int | None = 100, stop: int | None = 900,
+def facts(partition: int = 0, beginning: int = 0, end: int = 1000, start: int | None = 100,
           first_retained_ms: int | None = None) -> PartitionFacts:  # fmt: skip
-    return PartitionFacts("t.traces", partition, beginning, end, start, stop, first_retained_ms)
+    return PartitionFacts("t.traces", partition, beginning, end, start, first_retained_ms)
 
 
 def test_windows_from_the_time_lookups() -> None:
-    the_plan = plan(RANGE, [facts(0), facts(1, start=None, stop=None), facts(2, stop=None), facts(3, stop=1200)], LATENESS_MS, False)
+    the_plan = plan(RANGE, [facts(0), facts(1, start=None), facts(2, start=400)], LATENESS_MS, False)
     assert the_plan.hours == RANGE and the_plan.skipped == ()
     assert the_plan.windows == (
-        Window("t.traces", 0, 100, 1000, 900),
-        Window("t.traces", 1, 1000, 1000, 1000),  # nothing at or after from - max lateness: nothing to read
-        Window("t.traces", 2, 100, 1000, 1000),  # nothing at to + max lateness yet: up to the end
-        Window("t.traces", 3, 100, 1000, 1000),
+        Window("t.traces", 0, 100, 1000),  # up to the end: a too-late event of the range can come at any offset
+        Window("t.traces", 1, 1000, 1000),  # nothing at or after from - max lateness: nothing to read
+        Window("t.traces", 2, 400, 1000),
     )
-    assert the_plan.expected_records == 800 + 0 + 900 + 900
+    assert the_plan.expected_records == 900 + 0 + 600
 
 
 def test_first_rebuildable_hour_is_strictly_after_first_retained_plus_lateness() -> None:
@@ -122,7 +121,7 @@ def test_refused_even_with_allow_partial_when_no_hour_is_left() -> None:
 
 
 def test_emptied_partitions_refuse_or_are_left_alone() -> None:
-    emptied = facts(1, beginning=500, end=500, start=None, stop=None)
+    emptied = facts(1, beginning=500, end=500, start=None)
     assert emptied.emptied and not emptied.needs_first_retained()
     with pytest.raises(RetentionRefused, match=r"t\.traces\[1\] no longer hold"):
         plan(RANGE, [facts(0), emptied], LATENESS_MS, False)
@@ -132,9 +131,9 @@ def test_emptied_partitions_refuse_or_are_left_alone() -> None:
 
 
 def test_never_written_partitions_are_empty_not_emptied() -> None:
-    empty = facts(beginning=0, end=0, start=None, stop=None)
+    empty = facts(beginning=0, end=0, start=None)
     assert not empty.emptied
-    assert plan(RANGE, [empty], LATENESS_MS, False).windows == (Window("t.traces", 0, 0, 0, 0),)
+    assert plan(RANGE, [empty], LATENESS_MS, False).windows == (Window("t.traces", 0, 0, 0),)
 
 
 # -- the lateness rule --------------------------------------------------------------------------
@@ -210,50 +209,56 @@ def _time(event: dict) -> int:
 
 def _event_time(value: bytes, record_ms: int) -> int | None:
     try:
-        return decode("traces", value, record_ms).time_ms
+        return decode("traces", value, record_ms, LATENESS_MS).time_ms
     except Rejected:
         return None
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_replay_from_the_window_equals_the_live_worker_from_the_beginning(seed: int) -> None:
+def test_replay_from_the_window_counts_what_the_live_worker_did_and_what_came_too_late(seed: int) -> None:
     """The live worker reads the whole partition; the replay starts at the first record at
-    from - max lateness and stops once its watermark passes to + max lateness. The hours of
-    the range come out the same (counts, sums, min, max, fingerprints; exact-mode quantiles)."""
+    from - max lateness and reads to the end. The hours of the range come out as every valid event
+    of the range (counts, sums, min, max, fingerprints; exact-mode quantiles): the live worker's,
+    plus the ones it dead-lettered as too late (CONTRACT section 2: a backfill can still count them)."""
     log = _partition_log(seed)
     hours = HourRange(START_MS + 3 * HOUR_MS, START_MS + 5 * HOUR_MS)
     live = PartitionState("t.traces", 0, kinds(), 10_000, lambda: START_MS)
-    valid = [(offset, decode("traces", value, stamp)) for offset, value, stamp in log if _event_time(value, stamp) is not None]
+    valid = [(offset, decode("traces", value, stamp, LATENESS_MS)) for offset, value, stamp in log if _event_time(value, stamp) is not None]
+    too_late = []
     for i in range(0, len(valid), 97):
-        live.ingest(valid[i : i + 97], LATENESS_MS)
-    expected = {row.key: stats(row) for row in live.aggregates.rows() if hours.start_ms <= row.bucket_ms < hours.end_ms}
+        too_late += [valid[i + p][1] for p in live.ingest(valid[i : i + 97], LATENESS_MS).too_late]
     assert live.watermark_ms is not None and live.watermark_ms < hours.end_ms + 8 * HOUR_MS  # 2099 was refused
+    counted_late = [e for e in too_late if hours.start_ms <= e.time_ms < hours.end_ms]
+    assert counted_late  # the log has events of the range the live worker dropped as too late
+    everything = AggregateState(kinds(), 10_000)
+    everything.ingest([e for _, e in valid if hours.start_ms <= e.time_ms < hours.end_ms])
+    expected = {row.key: stats(row) for row in everything.rows()}
+    assert expected != {row.key: stats(row) for row in live.aggregates.rows() if hours.start_ms <= row.bucket_ms < hours.end_ms}
 
     start = next(offset for offset, value, stamp in log if (_event_time(value, stamp) or 0) >= hours.start_ms - LATENESS_MS)
-    replay = PartitionReplay(Window("t.traces", 0, start, len(log), len(log)), "traces", AggregateState(kinds(), 10_000),
+    replay = PartitionReplay(Window("t.traces", 0, start, len(log)), "traces", AggregateState(kinds(), 10_000),
                              hours, LATENESS_MS)  # fmt: skip
     position = start
     while not replay.done:
         replay.feed(log[position : position + 61])
         position += 61
-    assert position < len(log)  # it did stop early, at the watermark
-    assert replay.too_late > 0 and replay.rejected > 0
+    assert replay.too_late == len(counted_late) and replay.rejected > 0
     assert {row.key: stats(row) for row in replay.aggregates.rows()} == expected
 
 
 def test_replay_stops_at_the_window_end_and_skips_gaps() -> None:
     log = _partition_log(1)
-    replay = PartitionReplay(Window("t.traces", 0, 10, 40, 40), "traces", AggregateState(kinds(), 10_000),
+    replay = PartitionReplay(Window("t.traces", 0, 10, 40), "traces", AggregateState(kinds(), 10_000),
                              HourRange(START_MS, START_MS + 8 * HOUR_MS), LATENESS_MS)  # fmt: skip
     assert replay.covered == 9 and not replay.done
     replay.feed(log[10:25])
     assert replay.covered == 24 and replay.records == 15
     replay.feed(log[25:60])  # records past the end when the backfill started are the live worker's
     assert replay.covered == 39 and replay.records == 30 and replay.done
-    gap = PartitionReplay(Window("t.traces", 0, 0, 40, 40), "traces", AggregateState(kinds(), 10_000), HourRange(0, HOUR_MS), 0)
+    gap = PartitionReplay(Window("t.traces", 0, 0, 40), "traces", AggregateState(kinds(), 10_000), HourRange(0, HOUR_MS), 0)
     gap.reached(50)  # e.g. transaction markers at the end: the position passed the end
     assert gap.covered == 39 and gap.done
-    empty = PartitionReplay(Window("t.traces", 0, 7, 7, 7), "traces", AggregateState(kinds(), 10_000), HourRange(0, HOUR_MS), 0)
+    empty = PartitionReplay(Window("t.traces", 0, 7, 7), "traces", AggregateState(kinds(), 10_000), HourRange(0, HOUR_MS), 0)
     assert empty.done and empty.covered == 6
 
 

@@ -273,14 +273,14 @@ def test_tricky_values_decode_like_json_loads(token: str, kind: str) -> None:
     assert outcome(parse_json, kind, raw) == outcome(parse_json_reference, kind, raw), raw
 
 
-def test_an_event_far_ahead_of_its_kafka_record_is_rejected() -> None:
+def test_an_event_further_ahead_of_its_kafka_record_than_the_lateness_is_rejected() -> None:
     """The watermark is the newest event time: one event of a clock saying 2099 made every later
     event of its partition too late, for good. Bounded by the record's timestamp, which a replay
-    reads the same."""
-    at = ms(2026, 11, 26, 13)
+    reads the same, and by the lateness, so no event on time is too late because of it."""
+    at, lateness = ms(2026, 11, 26, 13), 48 * 3_600_000
     raw = json.dumps({**TRACE, "started_at": at})
-    assert decode("traces", raw, at - 24 * 3_600_000).time_ms == at  # a day ahead: accepted
+    assert decode("traces", raw, at - lateness, lateness).time_ms == at  # exactly the lateness ahead: accepted
     with pytest.raises(Rejected) as info:
-        decode("traces", raw, at - 24 * 3_600_000 - 1)
+        decode("traces", raw, at - lateness - 1, lateness)
     assert info.value.reason is Reason.INVALID_TIMESTAMP and "ahead of its Kafka record" in info.value.detail
-    assert decode("traces", raw).time_ms == decode("traces", raw, -1).time_ms == at  # no record timestamp
+    assert decode("traces", raw).time_ms == decode("traces", raw, -1, lateness).time_ms == at  # no record timestamp
