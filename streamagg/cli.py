@@ -306,8 +306,9 @@ def backfill(settings: Settings, start: int | None, end: int | None, allow_parti
     Without --from/--to: the previous complete hour. A from/to inside an hour is rounded
     outward to whole UTC hours (an hour row is rebuilt whole or not at all). Each partition is
     read from the first record at from - STREAMAGG_MAX_LATENESS_SECONDS to its end when the
-    backfill starts (or until its watermark passes to + max lateness), by a consumer outside
-    the worker's group: a running worker is undisturbed and its committed offsets do not move.
+    backfill starts, by a consumer outside the worker's group: a running worker is undisturbed
+    and its committed offsets do not move. Every event of the hours counts, also those the
+    worker dead-lettered as too late (the summary says how many).
     Rebuilt hours hold exactly what the topics hold (rows the replay finds no events for are
     deleted) except where a worker has read further; a second run changes nothing.
 
