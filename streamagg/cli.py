@@ -176,6 +176,8 @@ class _Time(click.ParamType):
             return value
         from .events import Rejected, parse_timestamp
 
+        if isinstance(value, str) and len(value) == 10:  # a date, 2026-11-26: its midnight UTC
+            value = f"{value}T00:00:00Z"
         try:
             return parse_timestamp(param.name if param else "time", value)
         except Rejected as exc:

@@ -267,7 +267,11 @@ def parse_timestamp(name: str, value: object) -> int:
 
 
 def _from_rfc3339(text: str) -> datetime | None:
-    """``datetime.fromisoformat``, and a leap second (``:60``) as the next second; None if neither."""
+    """``datetime.fromisoformat`` of an RFC 3339 date-time (a full date, ``T`` or a space, a full
+    time), and a leap second (``:60``) as the next second; None otherwise. fromisoformat alone also
+    reads ISO 8601's other forms: a date alone, week dates, ``20261127T111500``."""
+    if len(text) < 19 or text[4] != "-" or text[7] != "-" or text[10] not in "T " or text[13] != ":" or text[16] != ":":
+        return None
     try:
         return datetime.fromisoformat(text)
     except ValueError:

@@ -158,6 +158,14 @@ def test_times_whose_buckets_leave_datetime_are_rejected(stamp: str | int) -> No
     assert info.value.reason is Reason.INVALID_TIMESTAMP
 
 
+@pytest.mark.parametrize("stamp", ["2026-11-27", "20261127T111500", "2026-W48-5T11:00:00", "2026-11-27T11:00"])
+def test_iso_8601_forms_that_are_not_rfc_3339_date_times_are_rejected(stamp: str) -> None:
+    """datetime.fromisoformat reads them all (a date alone was aggregated at its midnight)."""
+    with pytest.raises(Rejected) as info:
+        validate("traces", {**TRACE, "started_at": stamp})
+    assert info.value.reason is Reason.INVALID_TIMESTAMP
+
+
 @pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00Z", "9999-12-26T23:59:59.999Z"])
 def test_every_bucket_of_an_accepted_time_starts_and_ends_in_range(stamp: str) -> None:
     time_ms = validate("traces", {**TRACE, "started_at": stamp}).time_ms
