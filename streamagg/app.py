@@ -594,23 +594,24 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
     ensure_topics(settings)
     registry = CollectorRegistry()
     telemetry = Telemetry(registry)
+    server, _ = serve(registry, settings.metrics_host, settings.metrics_port)  # a port in use: stop here
     # Faust insists on a data directory even with in-memory tables: a private throwaway one.
     datadir = Path(tempfile.mkdtemp(prefix=f"streamagg-faust-{settings.app_id}-"))
-    app, runtime = build_app(settings, telemetry, datadir)
-    collect_less_often()
-    telemetry.watch(runtime.health)
-    server, _ = serve(registry, settings.metrics_host, settings.metrics_port)
-    log.info(
-        "worker %s: kafka %s, database %s, metrics http://%s:%d/metrics",
-        settings.app_id, settings.kafka_bootstrap, settings.redacted_dsn(), settings.metrics_host, server.server_port,
-    )  # fmt: skip
-    worker = faust.Worker(app, loglevel="DEBUG" if verbose >= 2 else "WARNING", quiet=True)
     try:
-        worker.execute_from_commandline()
-    except SystemExit as exit_:
-        if runtime.failed and not exit_.code:
-            raise SystemExit(1) from None
-        raise
+        app, runtime = build_app(settings, telemetry, datadir)
+        collect_less_often()
+        telemetry.watch(runtime.health)
+        log.info(
+            "worker %s: kafka %s, database %s, metrics http://%s:%d/metrics",
+            settings.app_id, settings.kafka_bootstrap, settings.redacted_dsn(), settings.metrics_host, server.server_port,
+        )  # fmt: skip
+        worker = faust.Worker(app, loglevel="DEBUG" if verbose >= 2 else "WARNING", quiet=True)
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exit_:
+            if runtime.failed and not exit_.code:
+                raise SystemExit(1) from None
+            raise
     finally:
         server.shutdown()
         shutil.rmtree(datadir, ignore_errors=True)

@@ -9,6 +9,7 @@ values fail at start with a message naming the variable. The DSN is a ``SecretSt
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from sketches import Kind, SketchKindError
 
@@ -82,9 +83,13 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _dsn(cls, value: SecretStr) -> SecretStr:
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in ("postgresql", "postgres"):
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql:// URL")
+        try:
+            parts.port  # noqa: B018  (parsed on access)
+        except ValueError:
+            raise ValueError("the port must be a number from 0 to 65535") from None
         return value
 
     @field_validator("sketch_kind")
@@ -120,12 +125,18 @@ class Settings(BaseSettings):
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced by ``***`` (safe for logs and error messages)."""
+    """The DSN with its password, given before the host or as a ``password`` parameter, replaced
+    by ``***`` (safe for logs and error messages)."""
     parts = urlsplit(dsn)
-    if parts.password is None:
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    query = _PASSWORD_PARAMETER.sub(r"\1***", parts.query)
+    if parts.password is None and query == parts.query:
         return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(query=query))
+
+
+_PASSWORD_PARAMETER = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -142,3 +153,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         field = str(first["loc"][0]) if first["loc"] else "?"
         # Not chained: pydantic's own message quotes the input, which may hold the DSN's password.
         raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {first['msg']}") from None
+    except SettingsError as exc:  # a variable of a structured setting that is not JSON
+        named = re.search(r'field "(\w+)"', str(exc))
+        field = named.group(1).upper() if named else "?"
+        raise ConfigError(f"{ENV_PREFIX}{field}: not valid JSON") from None

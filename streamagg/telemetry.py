@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .errors import ConfigError
 from .events import Reason
 
 NAMESPACE = "observability"
@@ -125,8 +126,12 @@ class _HealthCollector(Collector):
 
 
 def serve(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
-    """``/metrics`` over HTTP in a daemon thread; ``server.shutdown()`` stops it."""
-    return start_http_server(port, addr=host, registry=registry)
+    """``/metrics`` over HTTP in a daemon thread; ``server.shutdown()`` stops it. A port in use
+    (or a host not of this machine) is a :class:`ConfigError`, not a traceback."""
+    try:
+        return start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 @dataclass

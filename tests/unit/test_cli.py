@@ -1,12 +1,16 @@
-"""The command line's own parsing (CONTRACT section 5), without services."""
+"""The command line's own parsing of times and settings (CONTRACT sections 1 and 5), without services."""
 
 from __future__ import annotations
 
 import click
 import pytest
+from prometheus_client import CollectorRegistry
 
 from streamagg.buckets import rfc3339
 from streamagg.cli import TIME
+from streamagg.errors import ConfigError
+from streamagg.settings import load_settings, redact_dsn
+from streamagg.telemetry import serve
 
 
 @pytest.mark.parametrize(
@@ -26,3 +30,37 @@ def test_a_time_is_rfc_3339_or_a_date(text: str, expected: str) -> None:
 def test_other_times_are_refused_with_a_one_line_reason(text: str) -> None:
     with pytest.raises(click.BadParameter, match="is not an RFC 3339 time or a date"):
         TIME.convert(text, None, None)
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://app:s3cret@db:5432/metrics", "postgresql://app:***@db:5432/metrics"),
+        ("postgresql://app@db/metrics?password=s3cret&sslmode=require", "postgresql://app@db/metrics?password=***&sslmode=require"),
+        ("postgresql://app@db/metrics?sslmode=require&PASSWORD=s3cret", "postgresql://app@db/metrics?sslmode=require&PASSWORD=***"),
+        ("postgresql://db/metrics", "postgresql://db/metrics"),
+    ],
+)
+def test_the_dsn_password_is_never_shown(dsn: str, shown: str) -> None:
+    """CONTRACT section 1; a password given as a parameter was shown in a connection error."""
+    assert redact_dsn(dsn) == shown
+
+
+def test_malformed_settings_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """They were tracebacks: a DSN port that is not a number, a structured variable that is not JSON."""
+    with pytest.raises(ConfigError, match="^STREAMAGG_DATABASE_URL: .*port must be a number") as info:
+        load_settings({"database_url": "postgresql://app:s3cret@db:notaport/metrics"})
+    assert "s3cret" not in str(info.value)
+    monkeypatch.setenv("STREAMAGG_SKETCH_KINDS", "notjson")
+    with pytest.raises(ConfigError, match="^STREAMAGG_SKETCH_KINDS: not valid JSON$"):
+        load_settings()
+
+
+def test_a_metrics_port_in_use_is_a_one_line_error() -> None:
+    registry = CollectorRegistry()
+    server, _ = serve(registry, "127.0.0.1", 0)
+    try:
+        with pytest.raises(ConfigError, match=f"cannot serve /metrics on 127.0.0.1:{server.server_port}: "):
+            serve(registry, "127.0.0.1", server.server_port)
+    finally:
+        server.shutdown()
