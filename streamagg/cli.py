@@ -216,7 +216,8 @@ def migrate(settings: Settings) -> None:
 @_settings_options
 @_fail_cleanly
 def rollup(settings: Settings, granularity: str, start: int, end: int) -> None:
-    """Recompute day or week rows overlapping [from, to) by merging stored hour rows.
+    """Recompute day or week rows overlapping [from, to) by merging stored hour rows; delete
+    those whose series has no hour row left in their bucket.
 
     Each batch of series is read and written under the same locks the workers' roll-ups take,
     so it is safe to run while workers run (the 01:00 schedule does the same for yesterday)."""
@@ -231,7 +232,8 @@ def rollup(settings: Settings, granularity: str, start: int, end: int) -> None:
             return await run_rollup(store, granularity, start, end)  # type: ignore[arg-type]
 
     result = _run(run())
-    click.echo(f"{granularity} rows: {result.inserted} inserted, {result.updated} updated, {result.unchanged} unchanged")
+    click.echo(f"{granularity} rows: {result.inserted} inserted, {result.updated} updated, {result.unchanged} unchanged, "
+               f"{result.deleted} deleted")
 
 
 @main.command()

@@ -27,11 +27,13 @@ def aligned_range(granularity: Granularity, start_ms: int, end_ms: int) -> tuple
 
 async def rollup(store: Store, granularity: Granularity, start_ms: int, end_ms: int) -> WriteResult:
     """Recompute every ``granularity`` row whose bucket overlaps [start, end) and holds an hour
-    row, from the stored hours (as :func:`rollup_keys`, one series batch at a time)."""
+    row, from the stored hours (as :func:`rollup_keys`, one series batch at a time); delete the
+    rows of those buckets whose series has no hour row left in them."""
     if granularity == "hour":
         raise ValueError("hour rows come from events, not from roll-ups")
     first, end = aligned_range(granularity, start_ms, end_ms)
     result = (await rollup_keys(store, await store.hour_series_days(first, end), (granularity,)))[granularity]
+    result += WriteResult(deleted=await store.delete_rollups_without_hours_between(granularity, first, end))
     log.info("rolled up %s rows in [%d, %d): %s", granularity, first, end, result)
     return result
 

@@ -204,16 +204,25 @@ WHERE t.granularity = 'hour' AND t.metric_name = k.m AND coalesce(t.dimension_ty
 
 # A day or week row is deleted only while no hour row of its series lies inside its bucket,
 # checked in the statement itself, so a concurrent flush of a new hour is never undone.
-_DELETE_ROLLUPS_WITHOUT_HOURS = f"""
-DELETE FROM {TABLE} t USING unnest($2::timestamptz[], $3::text[], $4::text[], $5::text[]) AS k(b, m, dt, dv)
-WHERE t.granularity = $1 AND t.metric_name = k.m AND coalesce(t.dimension_type, '') = coalesce(k.dt, '')
-  AND coalesce(t.dimension_value, '') = coalesce(k.dv, '') AND t.bucket_time = k.b
-  AND NOT EXISTS (
+# A day or week row ``t`` whose series has no hour row inside its bucket (width ``${}``): checked
+# in the DELETE itself, so a concurrent flush's hours and their roll-up are not undone.
+_WITHOUT_HOURS = f"""NOT EXISTS (
       SELECT 1 FROM {TABLE} h
       WHERE h.granularity = 'hour' AND h.metric_name = t.metric_name
         AND coalesce(h.dimension_type, '') = coalesce(t.dimension_type, '')
         AND coalesce(h.dimension_value, '') = coalesce(t.dimension_value, '')
-        AND h.bucket_time >= t.bucket_time AND h.bucket_time < t.bucket_time + $6::interval)
+        AND h.bucket_time >= t.bucket_time AND h.bucket_time < t.bucket_time + ${{}}::interval)"""
+
+_DELETE_ROLLUPS_WITHOUT_HOURS = f"""
+DELETE FROM {TABLE} t USING unnest($2::timestamptz[], $3::text[], $4::text[], $5::text[]) AS k(b, m, dt, dv)
+WHERE t.granularity = $1 AND t.metric_name = k.m AND coalesce(t.dimension_type, '') = coalesce(k.dt, '')
+  AND coalesce(t.dimension_value, '') = coalesce(k.dv, '') AND t.bucket_time = k.b
+  AND {_WITHOUT_HOURS.format(6)}
+"""
+
+_DELETE_ROLLUPS_WITHOUT_HOURS_BETWEEN = f"""
+DELETE FROM {TABLE} t
+WHERE t.granularity = $1 AND t.bucket_time >= $2 AND t.bucket_time < $3 AND {_WITHOUT_HOURS.format(4)}
 """
 
 
@@ -542,6 +551,17 @@ class Store:
         status = await self._execute(
             f"deleting {granularity} rows", _DELETE_ROLLUPS_WITHOUT_HOURS, granularity, *_key_columns(keys),
             timedelta(milliseconds=width_ms(granularity)), conn=conn,
+        )  # fmt: skip
+        return int(status.split()[-1])
+
+    async def delete_rollups_without_hours_between(self, granularity: Granularity, start_ms: int, end_ms: int) -> int:
+        """Delete the day or week rows of buckets starting in [start, end) whose series has no
+        hour row inside the bucket (hours deleted by hand, say); returns how many went."""
+        if granularity == "hour":
+            raise ValueError("hour rows are deleted with their partials (write_partials_of)")
+        status = await self._execute(
+            f"deleting {granularity} rows", _DELETE_ROLLUPS_WITHOUT_HOURS_BETWEEN, granularity, to_datetime(start_ms),
+            to_datetime(end_ms), timedelta(milliseconds=width_ms(granularity)),
         )  # fmt: skip
         return int(status.split()[-1])
 

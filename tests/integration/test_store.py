@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import asyncpg
 import pytest
 
 from streamagg.aggregate import AggregateState, roll_up
@@ -131,31 +132,32 @@ def test_partials_from_partitions_merge_to_the_oracle(database: str) -> None:
     asyncio.run(run())
 
 
-def _rollup_by_function(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int]:
+def _rollup_by_function(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int, int]:
     async def run() -> WriteResult:
         async with await open_store(database) as store:
             return await rollup(store, granularity, start, end)  # type: ignore[arg-type]
 
     result = asyncio.run(run())
-    return result.inserted, result.updated, result.unchanged
+    return result.inserted, result.updated, result.unchanged, result.deleted
 
 
-def _rollup_by_command(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int]:
+def _rollup_by_command(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int, int]:
     """`streamagg rollup` (what the 01:00 schedule runs, by hand), its printed counts."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMAGG_")} | {"STREAMAGG_DATABASE_URL": database}
     args = ["--granularity", granularity, "--from", rfc3339(start), "--to", rfc3339(end)]
     done = subprocess.run([sys.executable, "-m", "streamagg", "rollup", *args], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    printed = re.fullmatch(rf"{granularity} rows: (\d+) inserted, (\d+) updated, (\d+) unchanged", done.stdout.strip())
+    printed = re.fullmatch(rf"{granularity} rows: (\d+) inserted, (\d+) updated, (\d+) unchanged, (\d+) deleted", done.stdout.strip())
     assert printed, done.stdout
-    return int(printed[1]), int(printed[2]), int(printed[3])
+    return int(printed[1]), int(printed[2]), int(printed[3]), int(printed[4])
 
 
 @pytest.mark.parametrize("by", [_rollup_by_function, _rollup_by_command], ids=["function", "command"])
 @pytest.mark.parametrize("granularity", ["day", "week"])
-def test_rollup_from_stored_hours(database: str, granularity: str, by: Callable[..., tuple[int, int, int]]) -> None:
+def test_rollup_from_stored_hours(database: str, granularity: str, by: Callable[..., tuple[int, int, int, int]]) -> None:
     """Rows of the buckets overlapping [from, to) that hold hours, each the merge of its stored
-    hours; a wider range adds the rest; run again, nothing changes."""
+    hours; a wider range adds the rest; run again, nothing changes; a series' hours deleted, its
+    row goes too (it stayed, stale)."""
     start = bucket_start_ms(START_MS, "week") - 6 * HOUR_MS  # crosses a day and a week boundary
     events = make_events(hours=30, per_hour=300, seed=24, start_ms=start)
     state = AggregateState(kinds(), 10_000)
@@ -176,11 +178,27 @@ def test_rollup_from_stored_hours(database: str, granularity: str, by: Callable[
     monday = bucket_start_ms(START_MS, "week")
     inside = {key: row for key, row in expected.items() if key[0] == bucket_start_ms(monday, granularity)}  # type: ignore[arg-type]
     assert 0 < len(inside) < len(expected)
-    assert by(database, granularity, monday + HOUR_MS, monday + 2 * HOUR_MS) == (len(inside), 0, 0)
+    assert by(database, granularity, monday + HOUR_MS, monday + 2 * HOUR_MS) == (len(inside), 0, 0, 0)
     assert asyncio.run(stored()) == inside
-    assert by(database, granularity, start, start + 30 * HOUR_MS) == (len(expected) - len(inside), 0, len(inside))
+    assert by(database, granularity, start, start + 30 * HOUR_MS) == (len(expected) - len(inside), 0, len(inside), 0)
     assert asyncio.run(stored()) == expected
-    assert by(database, granularity, start, start + 30 * HOUR_MS) == (0, 0, len(expected))
+    assert by(database, granularity, start, start + 30 * HOUR_MS) == (0, 0, len(expected), 0)
+
+    gone = next(row for row in hours if row.dimension_type == "user_id")  # a user's hours, all of them
+    series = gone.key[1:]
+    stale = {key for key in expected if key[1:] == series}
+
+    async def delete_hours() -> None:
+        conn = await asyncpg.connect(database)
+        try:
+            await conn.execute("DELETE FROM observability.metrics_aggregates WHERE granularity = 'hour' "
+                               "AND metric_name = $1 AND dimension_type = $2 AND dimension_value = $3", *series)  # fmt: skip
+        finally:
+            await conn.close()
+
+    asyncio.run(delete_hours())
+    assert by(database, granularity, start, start + 30 * HOUR_MS) == (0, 0, len(expected) - len(stale), len(stale))
+    assert asyncio.run(stored()) == {key: row for key, row in expected.items() if key not in stale}
 
 
 def test_a_rollup_reads_its_hours_only_once_it_holds_their_series(database: str) -> None:
