@@ -115,6 +115,7 @@ HOLE_RESEEK_MS = 2000
 HOLE_ATTEMPTS = 3
 # A partition whose log end stays ahead of its last event this many idle periods is idle anyway.
 STALLED_IDLE_FACTOR = 10
+_BEFORE_EVERY_HOUR = -(1 << 62)  # epoch ms before any event time
 # The memory gauge looks at this many aggregates of a partition, at most this often.
 MEMORY_SAMPLE = 1_000
 MEMORY_REFRESH_MS = 10_000
@@ -302,9 +303,10 @@ class PartitionState:
     # -- closing and flushing ----------------------------------------------------------------
     def closed_hours_before(self, grace_ms: int, idle_ms: int) -> int:
         """Hours ending at or before the returned time are closed: the watermark passed their end
-        plus grace, or the partition is idle and the wall clock did."""
+        plus grace, or the partition is idle and the wall clock did. Before its first event a
+        partition has closed nothing (on the wall clock, a backlog's first batch counted as late)."""
         now = self._clock()
-        horizon = (self.watermark_ms if self.watermark_ms is not None else now) - grace_ms
+        horizon = self.watermark_ms - grace_ms if self.watermark_ms is not None else _BEFORE_EVERY_HOUR
         if self.is_idle(idle_ms):
             horizon = max(horizon, now - grace_ms)
         return horizon

@@ -134,6 +134,13 @@ def test_hours_close_on_watermark_or_when_idle() -> None:
     assert {key[0] for key, _ in state.take_flushable(grace, idle_ms=60_000)} == {START_MS + HOUR_MS}
 
 
+def test_a_fresh_partition_has_closed_nothing() -> None:
+    """Its first batch of a backlog's old events counted as late events: with no watermark the
+    wall clock said every past hour was closed."""
+    state = new_state(Clock(START_MS + 30 * 24 * HOUR_MS))
+    assert state.closed_hours_before(300_000, 60_000) < START_MS - 100 * 365 * 24 * HOUR_MS
+
+
 def test_a_partition_with_records_left_to_read_is_not_idle() -> None:
     grace, idle = 300_000, 60_000
     clock = Clock(START_MS + HOUR_MS + grace)  # a backlog: the wall clock passed the hour already
