@@ -112,6 +112,9 @@ def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
     logging.getLogger("streamagg").setLevel(own_level)
     for name in _ExpectedNoise.LOGGERS:
         logging.getLogger(name).addFilter(_ExpectedNoise())
+    # kafka-python (topic creation, generate) logs each retry of a broker it cannot reach as
+    # ERROR and WARNING lines, a dozen before the command's own one-line error says so.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
 
 
 @main.group()
