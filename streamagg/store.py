@@ -58,7 +58,8 @@ _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutErr
 
 
 def _wrap(what: str, exc: BaseException) -> StoreError:
-    return StoreError(f"{what}: {type(exc).__name__}: {exc}", retriable=isinstance(exc, _RETRIABLE))
+    hint = " (is the schema there? `streamagg migrate` creates it)" if isinstance(exc, asyncpg.UndefinedTableError) else ""
+    return StoreError(f"{what}: {type(exc).__name__}: {exc}{hint}", retriable=isinstance(exc, _RETRIABLE))
 
 
 @dataclass(frozen=True)
@@ -318,8 +319,10 @@ class Store:
                 dsn, min_size=1, max_size=max_size, command_timeout=300, server_settings={"jit": "off"}
             )
         except _DB_ERRORS as exc:
-            # The message names the redacted DSN only: asyncpg's may quote the password.
-            raise StoreError(f"cannot connect to {redacted_dsn}: {type(exc).__name__}", retriable=True) from None
+            # The message names the redacted DSN only: asyncpg's own may quote the password; the
+            # server's (no such database, authentication failed) and the socket's do not.
+            said = f": {exc}" if isinstance(exc, asyncpg.PostgresError | OSError) else ""
+            raise StoreError(f"cannot connect to {redacted_dsn}: {type(exc).__name__}{said}", retriable=True) from None
         return cls(pool, redacted_dsn)
 
     async def close(self) -> None:
