@@ -606,6 +606,7 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
             settings.app_id, settings.kafka_bootstrap, settings.redacted_dsn(), settings.metrics_host, server.server_port,
         )  # fmt: skip
         worker = faust.Worker(app, loglevel="DEBUG" if verbose >= 2 else "WARNING", quiet=True)
+        worker.spinner = None  # Faust's terminal spinner wrote escape codes to stdout, which carries results only
         try:
             worker.execute_from_commandline()
         except SystemExit as exit_:
