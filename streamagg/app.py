@@ -296,7 +296,7 @@ class Runtime:
             return batch
         ready = self._ready
         messages = [
-            RawMessage(r.topic, r.partition, r.offset, r.value, r.timestamp)
+            RawMessage(r.topic, r.partition, r.offset, r.value, r.timestamp, r.key)
             for tp, records in batch.items()
             if tp in ready
             for r in records
@@ -315,7 +315,7 @@ class Runtime:
         # Buffered send; the next checkpoint awaits its delivery before the source offset is
         # committed, so a dead letter is never lost.
         delivery = await self.app.producer.send(
-            self.deadletter.get_topic_name(), None, letter.value(), None, None, letter.headers()
+            self.deadletter.get_topic_name(), letter.message.key, letter.value(), None, None, letter.headers()
         )
         self._pending_deliveries.append(delivery)
 

@@ -40,6 +40,7 @@ class RawMessage:
     offset: int
     value: bytes | None
     timestamp_ms: int | None = None  # the Kafka record's: bounds how far ahead the event time may be (events.decode)
+    key: bytes | None = None  # the Kafka record's, kept by its dead letter
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,7 +181,7 @@ def test_a_bad_message_too_large_to_send_again_is_dead_lettered_cut(scenario: Ca
     oracle = world.oracle()
     huge = b"{" + b"x" * 3_000_000  # not JSON; gzip takes it to a few KB
     producer = KafkaProducer(bootstrap_servers=world.settings.kafka_bootstrap, compression_type="gzip", max_request_size=8_000_000)
-    producer.send(world.settings.topic("traces"), huge)
+    producer.send(world.settings.topic("traces"), huge, key=b"trace-huge")
     producer.flush()
     producer.close()
     worker, port = world.start_worker()
@@ -202,5 +202,6 @@ def test_a_bad_message_too_large_to_send_again_is_dead_lettered_cut(scenario: Ca
     headers = dict(letters[0].headers)
     assert headers["reason"] == b"invalid_json" and headers["truncated_from"] == str(len(huge)).encode()
     assert letters[0].value == huge[: len(letters[0].value)] and 0 < len(letters[0].value) < 1_048_588
+    assert letters[0].key == b"trace-huge"  # the message's key is kept
     world.stop_all()
     assert worker.returncode == 0
