@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
 from .aggregate import Key, roll_up_rows
-from .buckets import DAY_MS, Granularity, bucket_end_ms, bucket_start_ms
+from .buckets import DAY_MS, Granularity, bucket_end_ms, bucket_start_ms, rfc3339
 from .lanes import in_lanes
 from .store import Series, Store, WriteResult, series_lock_id
 
@@ -34,7 +34,7 @@ async def rollup(store: Store, granularity: Granularity, start_ms: int, end_ms: 
     first, end = aligned_range(granularity, start_ms, end_ms)
     result = (await rollup_keys(store, await store.hour_series_days(first, end), (granularity,)))[granularity]
     result += WriteResult(deleted=await store.delete_rollups_without_hours_between(granularity, first, end))
-    log.info("rolled up %s rows in [%d, %d): %s", granularity, first, end, result)
+    log.info("rolled up %s rows in [%s, %s): %s", granularity, rfc3339(first), rfc3339(end), result)
     return result
 
 
