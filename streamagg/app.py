@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -58,6 +59,14 @@ FLUSH_LANES = 2  # transactions in flight per flush (bench/throughput: 4,220 -> 
 ROLLUP_MAX_PENDING_KEYS = 200_000  # flushed hour keys whose days and weeks wait for a roll-up
 ANALYZE_MIN_ROWS = 5_000
 RETRY_MAX_SECONDS = 60.0
+# The checkpoint at a clean stop commits nothing (it only shortens the next owner's replay), so
+# a broker that does not acknowledge it in this time does not hold the stop up: it hung for as
+# long as Kafka was unreachable.
+STOP_CHECKPOINT_SECONDS = 10.0
+# Faust's own stop (the producer's pending records, the consumer leaving its group) waits for the
+# broker without a limit. Past this, the worker exits at once, as if killed: nothing is lost,
+# the next owner of its partitions replays from the last commit (and does its queued roll-ups).
+STOP_LIMIT_SECONDS = 60.0
 MAX_BATCH_RECORDS = 5_000  # records per processed fetch: ~0.1 s of the event loop
 
 
@@ -188,7 +197,8 @@ class Runtime:
         self._store: Store | None = None
         self._flush_lock = asyncio.Lock()
         self._closing = False  # set by close(): a flush ends after its current pass
-        self._failures = 0
+        self._failures = 0  # flush attempts in a row that failed
+        self._attempt_failed = False  # the current flush attempt failed (the backoff grew)
         self._retry_at = 0.0  # monotonic time before which flushes wait (exponential backoff)
         self._pending_deliveries: list[asyncio.Future] = []
         self._checkpoint_lock = asyncio.Lock()
@@ -371,6 +381,7 @@ class Runtime:
         a backlog is worked off, pass after pass: what closed meanwhile waits for no timer tick."""
         if time.monotonic() < self._retry_at:
             return  # backing off after a database error; the state waits in memory
+        self._attempt_failed = False
         async with self._flush_lock:
             try:
                 store = await self.store()
@@ -478,11 +489,16 @@ class Runtime:
             self.telemetry.rows_written.labels(granularity).inc(result.inserted + result.updated)
 
     def _failed(self, stage: str, exc: StreamaggError) -> None:
-        self._failures += 1
+        """Count a failed stage. The backoff grows once per flush attempt, however many of its
+        chunks failed: counted per chunk, one outage of 8 s reached the 60 s ceiling."""
         self.telemetry.errors.labels(stage).inc()
-        delay = min(RETRY_MAX_SECONDS, self.settings.flush_interval_seconds * 2 ** (self._failures - 1))
-        self._retry_at = time.monotonic() + delay
-        log.warning("%s failed (%d in a row; state kept, retried in %.0f s): %s", stage, self._failures, delay, exc)
+        if not self._attempt_failed:
+            self._attempt_failed = True
+            self._failures += 1
+            delay = min(RETRY_MAX_SECONDS, self.settings.flush_interval_seconds * 2 ** (self._failures - 1))
+            self._retry_at = time.monotonic() + delay
+        log.warning("%s failed (%d in a row; state kept, retried in %.0f s): %s", stage, self._failures,
+                    self._retry_at - time.monotonic(), exc)  # fmt: skip
 
     async def scheduled_rollup(self, now_ms: int) -> None:
         """01:00 UTC: the previous day, and on Mondays the previous week, from stored hours."""
@@ -582,11 +598,50 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
     @app.on_before_shutdown.connect
     async def before_shutdown(sender: Any, **kwargs: Any) -> None:
         try:
-            await runtime.checkpoint(commit=False)  # the consumer is gone: no commit, less replay
+            # The consumer is gone: no commit, only less replay for the next owner.
+            await asyncio.wait_for(runtime.checkpoint(commit=False), STOP_CHECKPOINT_SECONDS)
+        except TimeoutError:
+            log.warning("the checkpoint at stop was not acknowledged in %.0f s (is Kafka reachable?); the next "
+                        "owner of the partitions replays from the last commit instead", STOP_CHECKPOINT_SECONDS)  # fmt: skip
         finally:
             await runtime.close()
 
     return app, runtime
+
+
+class _StopLimit:
+    """Exits the process STOP_LIMIT_SECONDS after the worker began to stop, if it has not."""
+
+    def __init__(self, datadir: Path) -> None:
+        self._datadir = datadir
+        self._timer = threading.Timer(STOP_LIMIT_SECONDS, self._exit)
+        self._timer.daemon = True
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _exit(self) -> None:
+        log.error("the worker did not stop within %.0f s (is Kafka reachable?): exiting without a clean stop; "
+                  "the next owner of its partitions replays from the last commit", STOP_LIMIT_SECONDS)  # fmt: skip
+        shutil.rmtree(self._datadir, ignore_errors=True)
+        logging.shutdown()
+        os._exit(1)
+
+
+class _Worker(faust.Worker):
+    """Faust's worker, its stop on SIGINT/SIGTERM limited in time (:class:`_StopLimit`)."""
+
+    stop_limit: _StopLimit
+
+    def _schedule_shutdown(self, signal: signal.Signals) -> None:  # mode's handler of both signals
+        self.stop_limit.start()
+        super()._schedule_shutdown(signal)
 
 
 def run_worker(settings: Settings, verbose: int = 0) -> None:
@@ -597,15 +652,21 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
     server, _ = serve(registry, settings.metrics_host, settings.metrics_port)  # a port in use: stop here
     # Faust insists on a data directory even with in-memory tables: a private throwaway one.
     datadir = Path(tempfile.mkdtemp(prefix=f"streamagg-faust-{settings.app_id}-"))
+    stop_limit = _StopLimit(datadir)
     try:
         app, runtime = build_app(settings, telemetry, datadir)
+
+        @app.on_before_shutdown.connect
+        async def limit_the_stop(sender: Any, **kwargs: Any) -> None:
+            stop_limit.start()  # a stop that no signal began (a failed batch)
         collect_less_often()
         telemetry.watch(runtime.health)
         log.info(
             "worker %s: kafka %s, database %s, metrics http://%s:%d/metrics",
             settings.app_id, settings.kafka_bootstrap, settings.redacted_dsn(), settings.metrics_host, server.server_port,
         )  # fmt: skip
-        worker = faust.Worker(app, loglevel="DEBUG" if verbose >= 2 else "WARNING", quiet=True)
+        worker = _Worker(app, loglevel="DEBUG" if verbose >= 2 else "WARNING", quiet=True)
+        worker.stop_limit = stop_limit
         worker.spinner = None  # Faust's terminal spinner wrote escape codes to stdout, which carries results only
         try:
             worker.execute_from_commandline()
@@ -614,6 +675,7 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
                 raise SystemExit(1) from None
             raise
     finally:
+        stop_limit.cancel()
         server.shutdown()
         shutil.rmtree(datadir, ignore_errors=True)
 

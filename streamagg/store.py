@@ -40,6 +40,7 @@ _RETRIABLE = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )
@@ -54,7 +55,9 @@ class StoreError(StreamaggError):
 
 
 # What a database call can raise that is not a bug of ours.
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# InternalClientError: a connection lost in the middle of a statement (PostgreSQL stopped during
+# a flush: "cannot switch to state 15; another operation (2) is in progress") crashed the worker.
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
 
 
 def _wrap(what: str, exc: BaseException) -> StoreError:
