@@ -86,6 +86,32 @@ class _ExpectedNoise(logging.Filter):
         return True
 
 
+class _Repeats(logging.Filter):
+    """Lets one warning or error of each message (by its template) through per WINDOW seconds;
+    the next one says how many were held back. A broker that cannot be reached made aiokafka log
+    70-80 ERROR lines a second for as long as it lasted."""
+
+    LOGGERS = ("aiokafka", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator")
+    WINDOW = 10.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[tuple[str, object], tuple[float, int]] = {}  # template -> (let through at, held back)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.msg)
+        shown_at, held = self._seen.get(key, (-self.WINDOW, 0))
+        if record.created - shown_at < self.WINDOW:
+            self._seen[key] = (shown_at, held + 1)
+            return False
+        if held:
+            record.msg = f"{record.msg} ({held} more like this in the {record.created - shown_at:.0f} s before)"
+        self._seen[key] = (record.created, 0)
+        return True
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="debug output of streamagg on stderr (-vv: of the libraries too)")
 @click.option("-q", "--quiet", is_flag=True, help="warnings and errors only on stderr")
@@ -112,6 +138,9 @@ def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
     logging.getLogger("streamagg").setLevel(own_level)
     for name in _ExpectedNoise.LOGGERS:
         logging.getLogger(name).addFilter(_ExpectedNoise())
+    repeats = _Repeats()
+    for name in _Repeats.LOGGERS:
+        logging.getLogger(name).addFilter(repeats)
     # kafka-python (topic creation, generate) logs each retry of a broker it cannot reach as
     # ERROR and WARNING lines, a dozen before the command's own one-line error says so.
     logging.getLogger("kafka").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)

@@ -1,4 +1,5 @@
-"""The worker's logging filter: normal library messages worded as alarms become INFO."""
+"""The worker's logging filters: normal library messages worded as alarms become INFO, and a
+message repeated many times a second is let through once per window."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 
 import pytest
 
-from streamagg.cli import _ExpectedNoise
+from streamagg.cli import _ExpectedNoise, _Repeats
 
 
 def record(msg: str, *args: object) -> logging.LogRecord:
@@ -33,3 +34,21 @@ def test_a_coordinator_marked_dead_and_looked_up_again_is_demoted() -> None:
                               "Marking the coordinator dead (node %s)for group %s.", (1, "g"), None)  # fmt: skip
     _ExpectedNoise().filter(entry)
     assert entry.levelno == logging.INFO
+
+
+def test_a_repeated_error_is_let_through_once_per_window() -> None:
+    repeats = _Repeats()
+
+    def at(seconds: float, level: int = logging.ERROR, node: int = 1) -> logging.LogRecord:
+        entry = logging.LogRecord("aiokafka", level, __file__, 1, "Unable connect to node with id %s: %s", (node, "refused"), None)
+        entry.created = 1000.0 + seconds
+        return entry
+
+    assert repeats.filter(at(0.0))
+    assert not any(repeats.filter(at(0.01 * i, node=i)) for i in range(1, 800))  # 80 a second, other args alike
+    assert repeats.filter(at(0.5, level=logging.DEBUG))  # -vv sees them all
+    again = at(10.0)
+    assert repeats.filter(again) and again.getMessage().endswith("(799 more like this in the 10 s before)")
+    other = logging.LogRecord("aiokafka", logging.ERROR, __file__, 1, "Unable to update metadata from %s", ([1],), None)
+    other.created = 1000.5
+    assert repeats.filter(other)  # another message has its own window
