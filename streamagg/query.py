@@ -16,6 +16,7 @@ as stored: the worker rolls a day or week up again shortly after one of its hour
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -182,21 +183,23 @@ class QueryRow:
     p99: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The object of ``streamagg query --format json`` (CONTRACT section 5)."""
+        """The object of ``streamagg query --format json`` (CONTRACT section 5). A sum past the
+        range of a float (and its avg) is null, as JavaScript's JSON.stringify writes it:
+        ``Infinity`` is not JSON."""
         return {
             "bucket_time": None if self.bucket_ms is None else rfc3339(self.bucket_ms),
             "metric_name": self.metric_name,
             "dimension_type": self.dimension_type,
             "dimension_value": self.dimension_value,
             "count": self.count,
-            "sum": self.sum,
-            "min": self.min,
-            "max": self.max,
-            "avg": self.avg,
-            "p50": self.p50,
-            "p95": self.p95,
-            "p99": self.p99,
+            **{name: _finite(value) for name, value in (("sum", self.sum), ("min", self.min), ("max", self.max),
+                                                        ("avg", self.avg), ("p50", self.p50), ("p95", self.p95),
+                                                        ("p99", self.p99))},  # fmt: skip
         }
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
 
 
 def merge_rows(rows: Iterable[Row], granularity: QueryGranularity) -> list[QueryRow]:

@@ -3,13 +3,15 @@ stand in for missing coarse ones, and how the chosen rows merge into results."""
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
-from streamagg.aggregate import AggregateState, Row, roll_up
+from sketches import Kind
+from streamagg.aggregate import Agg, AggregateState, Row, roll_up
 from streamagg.buckets import DAY_MS, HOUR_MS, WEEK_MS, bucket_start_ms, to_ms, width_ms
 from streamagg.query import (
     BadRange,
@@ -259,3 +261,15 @@ def test_json_object_has_exactly_the_contract_keys() -> None:
     assert list(total.to_json()) == keys and list(hourly.to_json()) == keys
     assert total.to_json()["bucket_time"] is None and total.to_json()["p99"] is None
     assert hourly.to_json()["bucket_time"] == "2025-11-26T13:00:00Z"
+
+
+def test_a_sum_past_the_float_range_is_null_in_json() -> None:
+    """Two durations of 1e308 in an hour: the sum and avg are infinite, and json.dumps wrote
+    Infinity, which is not JSON."""
+    agg = Agg(Kind.parse("req-hra-k128"))
+    agg.add_group([1e308, 1e308], 0)
+    row = agg.to_row((at(26, 13), "trace.duration_ms", None, None), "hour")
+    result = merge_rows([row], "total")[0]
+    assert result.sum == math.inf
+    text = json.dumps(result.to_json(), allow_nan=False)  # raises on a non-finite float
+    assert json.loads(text)["sum"] is None and json.loads(text)["avg"] is None and json.loads(text)["max"] == 1e308
