@@ -206,27 +206,24 @@ WHERE t.granularity = 'hour' AND t.metric_name = k.m AND coalesce(t.dimension_ty
   AND coalesce(t.dimension_value, '') = coalesce(k.dv, '') AND t.bucket_time = k.b
 """
 
-# A day or week row is deleted only while no hour row of its series lies inside its bucket,
-# checked in the statement itself, so a concurrent flush of a new hour is never undone.
-# A day or week row ``t`` whose series has no hour row inside its bucket (width ``${}``): checked
-# in the DELETE itself, so a concurrent flush's hours and their roll-up are not undone.
-_WITHOUT_HOURS = f"""NOT EXISTS (
+# A day or week row ``t`` of granularity $1 (bucket width $2) is deleted only while no hour row
+# of its series lies inside its bucket, checked in the statement itself, so a concurrent flush
+# of a new hour is never undone.
+_WITHOUT_HOURS = f"""t.granularity = $1 AND NOT EXISTS (
       SELECT 1 FROM {TABLE} h
       WHERE h.granularity = 'hour' AND h.metric_name = t.metric_name
         AND coalesce(h.dimension_type, '') = coalesce(t.dimension_type, '')
         AND coalesce(h.dimension_value, '') = coalesce(t.dimension_value, '')
-        AND h.bucket_time >= t.bucket_time AND h.bucket_time < t.bucket_time + ${{}}::interval)"""
+        AND h.bucket_time >= t.bucket_time AND h.bucket_time < t.bucket_time + $2::interval)"""
 
 _DELETE_ROLLUPS_WITHOUT_HOURS = f"""
-DELETE FROM {TABLE} t USING unnest($2::timestamptz[], $3::text[], $4::text[], $5::text[]) AS k(b, m, dt, dv)
-WHERE t.granularity = $1 AND t.metric_name = k.m AND coalesce(t.dimension_type, '') = coalesce(k.dt, '')
-  AND coalesce(t.dimension_value, '') = coalesce(k.dv, '') AND t.bucket_time = k.b
-  AND {_WITHOUT_HOURS.format(6)}
+DELETE FROM {TABLE} t USING unnest($3::timestamptz[], $4::text[], $5::text[], $6::text[]) AS k(b, m, dt, dv)
+WHERE t.metric_name = k.m AND coalesce(t.dimension_type, '') = coalesce(k.dt, '')
+  AND coalesce(t.dimension_value, '') = coalesce(k.dv, '') AND t.bucket_time = k.b AND {_WITHOUT_HOURS}
 """
 
 _DELETE_ROLLUPS_WITHOUT_HOURS_BETWEEN = f"""
-DELETE FROM {TABLE} t
-WHERE t.granularity = $1 AND t.bucket_time >= $2 AND t.bucket_time < $3 AND {_WITHOUT_HOURS.format(4)}
+DELETE FROM {TABLE} t WHERE t.bucket_time >= $3 AND t.bucket_time < $4 AND {_WITHOUT_HOURS}
 """
 
 
@@ -555,8 +552,8 @@ class Store:
         if not keys:
             return 0
         status = await self._execute(
-            f"deleting {granularity} rows", _DELETE_ROLLUPS_WITHOUT_HOURS, granularity, *_key_columns(keys),
-            timedelta(milliseconds=width_ms(granularity)), conn=conn,
+            f"deleting {granularity} rows", _DELETE_ROLLUPS_WITHOUT_HOURS, granularity,
+            timedelta(milliseconds=width_ms(granularity)), *_key_columns(keys), conn=conn,
         )  # fmt: skip
         return int(status.split()[-1])
 
@@ -566,8 +563,8 @@ class Store:
         if granularity == "hour":
             raise ValueError("hour rows are deleted with their partials (write_partials_of)")
         status = await self._execute(
-            f"deleting {granularity} rows", _DELETE_ROLLUPS_WITHOUT_HOURS_BETWEEN, granularity, to_datetime(start_ms),
-            to_datetime(end_ms), timedelta(milliseconds=width_ms(granularity)),
+            f"deleting {granularity} rows", _DELETE_ROLLUPS_WITHOUT_HOURS_BETWEEN, granularity,
+            timedelta(milliseconds=width_ms(granularity)), to_datetime(start_ms), to_datetime(end_ms),
         )  # fmt: skip
         return int(status.split()[-1])
 
