@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,9 +29,6 @@ MAX_DIMENSION_LENGTH: Final = 256
 # 0001-01-01, a Monday, up to the Monday of 9999's last week, which ends in the year 10000.
 _MIN_EPOCH_MS: Final = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 _MAX_EPOCH_MS: Final = 253_401_868_799_999  # 9999-12-26T23:59:59.999Z
-# A leap second, 23:59:60 (RFC 3339 allows it; datetime does not): read as 23:59:59 plus a
-# second, which is the next day's 00:00:00, as PostgreSQL reads it.
-_LEAP_SECOND = re.compile(r"(?<=T\d\d:\d\d:)60")
 # orjson reads integer literals outside [-2**63, 2**64) as floats, all of magnitude >= 2**63.
 _WIDE_INTEGER: Final = 2.0**63
 
@@ -268,21 +264,17 @@ def parse_timestamp(name: str, value: object) -> int:
 
 def _from_rfc3339(text: str) -> datetime | None:
     """``datetime.fromisoformat`` of an RFC 3339 date-time (a full date, ``T`` or a space, a full
-    time), and a leap second (``:60``) as the next second; None otherwise. fromisoformat alone also
-    reads ISO 8601's other forms: a date alone, week dates, ``20261127T111500``."""
+    time); None otherwise. fromisoformat alone also reads ISO 8601's other forms: a date alone,
+    week dates, ``20261127T111500``. A leap second, ``23:59:60`` (RFC 3339 allows it, datetime
+    does not), is read as 23:59:59 plus a second, the next day's 00:00:00, as PostgreSQL reads it."""
     if len(text) < 19 or text[4] != "-" or text[7] != "-" or text[10] not in "T " or text[13] != ":" or text[16] != ":":
         return None
+    leap = text[17:19] == "60"
     try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        pass
-    leap = _LEAP_SECOND.sub("59", text, count=1)
-    if leap != text:
-        try:
-            return datetime.fromisoformat(leap) + timedelta(seconds=1)
-        except (ValueError, OverflowError):  # not RFC 3339 otherwise either; or past 9999
-            pass
-    return None
+        moment = datetime.fromisoformat(f"{text[:17]}59{text[19:]}" if leap else text)
+        return moment + timedelta(seconds=1) if leap else moment
+    except (ValueError, OverflowError):  # OverflowError: a leap second past 9999's last
+        return None
 
 
 def _json_type(value: object) -> str:
