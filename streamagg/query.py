@@ -192,9 +192,13 @@ class QueryRow:
             "dimension_type": self.dimension_type,
             "dimension_value": self.dimension_value,
             "count": self.count,
-            **{name: _finite(value) for name, value in (("sum", self.sum), ("min", self.min), ("max", self.max),
-                                                        ("avg", self.avg), ("p50", self.p50), ("p95", self.p95),
-                                                        ("p99", self.p99))},  # fmt: skip
+            "sum": _finite(self.sum),
+            "min": _finite(self.min),
+            "max": _finite(self.max),
+            "avg": _finite(self.avg),
+            "p50": _finite(self.p50),
+            "p95": _finite(self.p95),
+            "p99": _finite(self.p99),
         }
 
 
