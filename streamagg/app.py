@@ -659,6 +659,7 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
         @app.on_before_shutdown.connect
         async def limit_the_stop(sender: Any, **kwargs: Any) -> None:
             stop_limit.start()  # a stop that no signal began (a failed batch)
+
         collect_less_often()
         telemetry.watch(runtime.health)
         log.info(
