@@ -33,7 +33,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from rich.console import Console
 
 from streamagg.buckets import HOUR_MS, bucket_start_ms
-from streamagg.cli import configure_logging
 from streamagg.demo import (
     drop_databases,
     env_without_settings,
@@ -45,6 +44,7 @@ from streamagg.demo import (
 )
 from streamagg.events import validate
 from streamagg.generate import generate
+from streamagg.logs import configure_logging
 from streamagg.oracle import exact_hours, exact_rollup
 from streamagg.settings import Settings, load_settings
 from streamagg.stack import free_port

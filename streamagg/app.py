@@ -43,6 +43,7 @@ from .aggregate import Key
 from .buckets import DAY_MS, WEEK_MS, bucket_start_ms
 from .errors import StreamaggError
 from .lanes import in_lanes
+from .logs import count_client_errors
 from .pipeline import DeadLetter, Flushable, Pipeline, RawMessage, TopicPartition
 from .rollup import rollup, rollup_keys
 from .settings import Settings
@@ -662,6 +663,7 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
 
         collect_less_often()
         telemetry.watch(runtime.health)
+        count_client_errors(telemetry.errors.labels("kafka").inc)
         log.info(
             "worker %s: kafka %s, database %s, metrics http://%s:%d/metrics",
             settings.app_id, settings.kafka_bootstrap, settings.redacted_dsn(), settings.metrics_host, server.server_port,
@@ -676,6 +678,7 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
                 raise SystemExit(1) from None
             raise
     finally:
+        count_client_errors(None)
         stop_limit.cancel()
         server.shutdown()
         shutil.rmtree(datadir, ignore_errors=True)

@@ -17,6 +17,7 @@ import click
 
 from .catalogue import METRICS_BY_NAME
 from .errors import StreamaggError
+from .logs import configure_logging
 from .settings import Settings, load_settings
 
 log = logging.getLogger("streamagg")
@@ -60,58 +61,6 @@ def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class _ExpectedNoise(logging.Filter):
-    """Demotes to INFO library messages that say something normal in words of alarm: a fresh
-    broker's first seconds (aiokafka logs ERROR for the group coordinator lookup, WARNING when
-    it marks a coordinator that answered "not ready" dead before looking it up again, and
-    WARNING for produce requests to partitions whose leader is still starting, and retries
-    them all; a broker that stays away still shows as connection errors), and a flush or
-    checkpoint timer that outlasts its interval while a backlog is worked off (mode logs
-    WARNING; flush latency is in the metrics)."""
-
-    LOGGERS = ("aiokafka.consumer.group_coordinator", "aiokafka.producer.sender", "mode.timers")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg, args = record.msg, record.args
-        if not isinstance(msg, str) or not isinstance(args, tuple) or not args:
-            return True
-        retried = msg.startswith(("Group Coordinator Request failed", "Got error produce response")) and getattr(
-            args[-1], "retriable", False
-        )
-        slow_timer = msg.startswith("Timer %s is overlapping") and args[0] in ("flush", "checkpoint")
-        looked_up_again = msg.startswith("Marking the coordinator dead")
-        if retried or slow_timer or looked_up_again:
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
-        return True
-
-
-class _Repeats(logging.Filter):
-    """Lets one warning or error of each message (by its template) through per WINDOW seconds;
-    the next one says how many were held back. A broker that cannot be reached made aiokafka log
-    70-80 ERROR lines a second for as long as it lasted."""
-
-    LOGGERS = ("aiokafka", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator")
-    WINDOW = 10.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._seen: dict[tuple[str, object], tuple[float, int]] = {}  # template -> (let through at, held back)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        key = (record.name, record.msg)
-        shown_at, held = self._seen.get(key, (-self.WINDOW, 0))
-        if record.created - shown_at < self.WINDOW:
-            self._seen[key] = (shown_at, held + 1)
-            return False
-        if held:
-            record.msg = f"{record.msg} ({held} more like this in the {record.created - shown_at:.0f} s before)"
-        self._seen[key] = (record.created, 0)
-        return True
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="debug output of streamagg on stderr (-vv: of the libraries too)")
 @click.option("-q", "--quiet", is_flag=True, help="warnings and errors only on stderr")
@@ -124,26 +73,6 @@ def main(verbose: int, quiet: bool) -> None:
     of the same name.
     """
     configure_logging(verbose, quiet)
-
-
-def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
-    """stderr logging as every command has it (the benchmarks too): streamagg's own INFO, the
-    libraries' warnings, expected library noise demoted (:class:`_ExpectedNoise`)."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose >= 2 else logging.WARNING,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    own_level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.getLogger("streamagg").setLevel(own_level)
-    for name in _ExpectedNoise.LOGGERS:
-        logging.getLogger(name).addFilter(_ExpectedNoise())
-    repeats = _Repeats()
-    for name in _Repeats.LOGGERS:
-        logging.getLogger(name).addFilter(repeats)
-    # kafka-python (topic creation, generate) logs each retry of a broker it cannot reach as
-    # ERROR and WARNING lines, a dozen before the command's own one-line error says so.
-    logging.getLogger("kafka").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
 
 
 @main.group()

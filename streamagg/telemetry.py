@@ -21,8 +21,9 @@ from .events import Reason
 
 NAMESPACE = "observability"
 # Stages of observability_aggregation_errors_total (app.py): a batch that raised, the database
-# (connect, flush, rollup), and offsets the consumer skipped and that were read again.
-ERROR_STAGES = ("process", "connect", "flush", "rollup", "skipped_offset")
+# (connect, flush, rollup), offsets the consumer skipped and that were read again, and every
+# error the Kafka client logged (an unreachable broker: streamagg.logs).
+ERROR_STAGES = ("process", "connect", "flush", "rollup", "skipped_offset", "kafka")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from streamagg.cli import _ExpectedNoise, _Repeats
+from streamagg.logs import ExpectedNoise, Repeats
 
 
 def record(msg: str, *args: object) -> logging.LogRecord:
@@ -17,27 +17,27 @@ def record(msg: str, *args: object) -> logging.LogRecord:
 @pytest.mark.parametrize("timer", ["flush", "checkpoint"])
 def test_a_slow_flush_or_checkpoint_timer_is_demoted(timer: str) -> None:
     entry = record("Timer %s is overlapping (interval=%r runtime=%r)", timer, 1.0, 1.4)
-    _ExpectedNoise().filter(entry)
+    ExpectedNoise().filter(entry)
     assert entry.levelno == logging.INFO
 
 
 def test_other_warnings_stay_warnings() -> None:
     entry = record("Timer %s is overlapping (interval=%r runtime=%r)", "daily_rollup", 1.0, 1.4)
-    assert _ExpectedNoise().filter(entry) and entry.levelno == logging.WARNING
+    assert ExpectedNoise().filter(entry) and entry.levelno == logging.WARNING
     entry = record("Heartbeat failed for group %s because it is rebalancing", "g")
-    assert _ExpectedNoise().filter(entry) and entry.levelno == logging.WARNING
+    assert ExpectedNoise().filter(entry) and entry.levelno == logging.WARNING
 
 
 def test_a_coordinator_marked_dead_and_looked_up_again_is_demoted() -> None:
     # aiokafka then finds the coordinator again (seen on a fresh broker in the demo)
     entry = logging.LogRecord("aiokafka.consumer.group_coordinator", logging.WARNING, __file__, 1,
                               "Marking the coordinator dead (node %s)for group %s.", (1, "g"), None)  # fmt: skip
-    _ExpectedNoise().filter(entry)
+    ExpectedNoise().filter(entry)
     assert entry.levelno == logging.INFO
 
 
 def test_a_repeated_error_is_let_through_once_per_window() -> None:
-    repeats = _Repeats()
+    repeats = Repeats()
 
     def at(seconds: float, level: int = logging.ERROR, node: int = 1) -> logging.LogRecord:
         entry = logging.LogRecord("aiokafka", level, __file__, 1, "Unable connect to node with id %s: %s", (node, "refused"), None)
@@ -52,3 +52,25 @@ def test_a_repeated_error_is_let_through_once_per_window() -> None:
     other = logging.LogRecord("aiokafka", logging.ERROR, __file__, 1, "Unable to update metadata from %s", ([1],), None)
     other.created = 1000.5
     assert repeats.filter(other)  # another message has its own window
+
+
+def test_every_kafka_client_error_is_counted_held_back_or_not() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from streamagg.logs import configure_logging, count_client_errors
+    from streamagg.telemetry import Telemetry
+
+    telemetry = Telemetry(CollectorRegistry())
+    configure_logging()
+    count_client_errors(telemetry.errors.labels("kafka").inc)
+    try:
+        for node in range(50):  # one window: one line on stderr, 50 errors counted
+            logging.getLogger("aiokafka").error("Unable connect to node with id %s: %s", node, "refused")
+        logging.getLogger("aiokafka.conn").error("Unable to request metadata from node with id %s", 1)
+        logging.getLogger("aiokafka.consumer.fetcher").warning("a warning is not an error")
+        # a retried coordinator lookup on a fresh broker is demoted to INFO first, not an error
+        retriable = type("Retriable", (Exception,), {"retriable": True})()
+        logging.getLogger("aiokafka.consumer.group_coordinator").error("Group Coordinator Request failed: %s", retriable)
+    finally:
+        count_client_errors(None)
+    assert telemetry.registry.get_sample_value("observability_aggregation_errors_total", {"stage": "kafka"}) == 51
