@@ -306,9 +306,9 @@ def backfill(settings: Settings, start: int | None, end: int | None, allow_parti
         async with await Store.open(settings.database_url.get_secret_value(), settings.redacted_dsn()) as store:
             await store.migrate()
             return await run_backfill(settings, store, requested, allow_partial=allow_partial, dry_run=dry_run,
-                                      telemetry=telemetry, on_progress=progress)  # fmt: skip
+                                      telemetry=telemetry, on_progress=progress.backfill)  # fmt: skip
 
-    progress = _ProgressDisplay()
+    progress = _ProgressDisplay("backfill")
     try:
         with progress:
             report = _run(run())
@@ -338,16 +338,18 @@ def backfill(settings: Settings, start: int | None, end: int | None, allow_parti
 
 
 class _ProgressDisplay:
-    """Backfill progress on stderr: a live bar on a terminal, otherwise a plain line every few seconds."""
+    """Progress of a long command on stderr: a live bar on a terminal, otherwise a plain line
+    every few seconds and at each milestone (a log file or CI shows it too)."""
 
     PLAIN_EVERY_SECONDS = 5.0
 
-    def __init__(self) -> None:
+    def __init__(self, command: str) -> None:
+        self._command = command
         self._console = _stderr_console()
         self._bar: Any = None
         self._task: Any = None
         self._last_line = 0.0
-        self._milestone: tuple = ()  # phase, reading finished, writing finished: each gets a line
+        self._milestone: tuple = ()
 
     def __enter__(self) -> _ProgressDisplay:
         if self._console.is_terminal:
@@ -358,14 +360,28 @@ class _ProgressDisplay:
                 console=self._console, transient=True,
             )  # fmt: skip
             self._bar.start()
-            self._task = self._bar.add_task("backfill", total=None, detail="planning")
+            self._task = self._bar.add_task(self._command, total=None, detail="starting")
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self._bar is not None:
             self._bar.stop()
 
-    def __call__(self, progress: Any) -> None:
+    def show(self, phase: str, done: int, total: int | None, detail: str, milestone: tuple = ()) -> None:
+        """``milestone`` changing (a phase's part finished) prints a plain line at once."""
+        if self._bar is not None:
+            self._bar.update(self._task, description=phase, completed=done, total=total, detail=detail)
+            return
+        import time
+
+        now = time.monotonic()
+        milestone = (phase, *milestone)
+        if now - self._last_line >= self.PLAIN_EVERY_SECONDS or milestone != self._milestone:
+            self._last_line, self._milestone = now, milestone
+            self._console.print(f"{self._command} {phase}: {detail}", highlight=False, soft_wrap=True)
+
+    def backfill(self, progress: Any) -> None:
+        """The display of a :class:`~streamagg.backfill.Progress`."""
         if progress.phase == "reading":
             eta = progress.eta_seconds
             detail = (
@@ -377,30 +393,20 @@ class _ProgressDisplay:
         else:
             detail = f"{progress.hours_done}/{progress.hours} hours"
             done, total = progress.hours_done, progress.hours
-        if self._bar is not None:
-            self._bar.update(self._task, description=progress.phase, completed=done, total=total, detail=detail)
-            return
-        import time
-
-        now = time.monotonic()
-        milestone = (progress.phase, progress.partitions_done == progress.partitions, progress.hours_done == progress.hours)
-        if now - self._last_line >= self.PLAIN_EVERY_SECONDS or milestone != self._milestone:
-            self._last_line, self._milestone = now, milestone
-            self._console.print(f"backfill {progress.phase}: {detail}", highlight=False, soft_wrap=True)
+        finished = (progress.partitions_done == progress.partitions, progress.hours_done == progress.hours)
+        self.show(progress.phase, done, total, detail, finished)
 
 
 @main.command()
 @click.option("--hours", type=click.IntRange(min=1), required=True, help="how many hours of telemetry")
 @click.option("--events-per-hour", type=click.IntRange(min=1), required=True, help="events in each hour, all topics")
 @click.option("--seed", type=int, default=1, show_default=True, help="the same seed gives the same events")
-@click.option("--start", type=TIME, default=None, help="first hour (default: the hours end at the last full hour)")
+@click.option("--start", type=TIME, default=None, help="first hour, rounded down to a whole hour (default: the hours end at the last full hour)")
 @_settings_options
 @_fail_cleanly
 def generate(settings: Settings, hours: int, events_per_hour: int, seed: int, start: int | None) -> None:
     """Produce realistic synthetic telemetry to the four source topics."""
     import time
-
-    from rich.progress import Progress
 
     from .buckets import HOUR_MS, bucket_start_ms, to_datetime
     from .generate import generate as run_generate
@@ -408,11 +414,12 @@ def generate(settings: Settings, hours: int, events_per_hour: int, seed: int, st
     if start is None:
         start = bucket_start_ms(int(time.time() * 1000), "hour") - hours * HOUR_MS
     start = bucket_start_ms(start, "hour")
-    with Progress(console=_stderr_console(), transient=True) as progress:
-        task = progress.add_task("producing", total=hours * events_per_hour)
-        generated = _run(
-            run_generate(settings, hours, events_per_hour, seed, start, lambda done, _: progress.update(task, completed=done))
-        )
+
+    def produced(done: int, total: int) -> None:
+        progress.show("producing", done, total, f"{done:,} of {total:,} events", (done == total,))
+
+    with _ProgressDisplay("generate") as progress:
+        generated = _run(run_generate(settings, hours, events_per_hour, seed, start, produced))
     for topic, count in sorted(generated.counts.items()):
         click.echo(f"{topic}\t{count}")
     click.echo(f"total\t{generated.total}\t{to_datetime(generated.start_ms).isoformat()}\t{to_datetime(generated.end_ms).isoformat()}")

@@ -64,3 +64,15 @@ def test_a_metrics_port_in_use_is_a_one_line_error() -> None:
             serve(registry, "127.0.0.1", server.server_port)
     finally:
         server.shutdown()
+
+
+def test_progress_off_a_terminal_is_a_line_every_few_seconds_and_at_each_milestone(capsys: pytest.CaptureFixture[str]) -> None:
+    from streamagg.cli import _ProgressDisplay
+
+    with _ProgressDisplay("generate") as progress:
+        for done in range(0, 300_001, 5_000):  # within the first 5 s: the first line and the last
+            progress.show("producing", done, 300_000, f"{done:,} of 300,000 events", (done == 300_000,))
+    assert capsys.readouterr().err.splitlines() == [
+        "generate producing: 0 of 300,000 events",
+        "generate producing: 300,000 of 300,000 events",
+    ]
