@@ -401,6 +401,7 @@ class Runtime:
         # each other's locks.
         chunks = _chunks(items, FLUSH_KEYS_PER_TRANSACTION)
         all_written = all(await in_lanes(chunks, FLUSH_LANES, lambda lane: self._flush_chunks(store, lane)))
+        self.pipeline.confirm_written()
         if self._inserted_since_analyze > max(ANALYZE_MIN_ROWS, self._inserted_at_analyze):
             # The table doubled since the planner last looked: a fresh table's statistics
             # make every roll-up lookup scan it, long before autovacuum's first analyze.

@@ -211,6 +211,13 @@ class Pipeline:
         if state is not None:
             state.unflush(key for key, _ in flushable.items)
 
+    def confirm_written(self) -> None:
+        """The flush's writes of everything :meth:`flushable` took are done (failed ones given
+        back with :meth:`unflush`): checkpoints now say which hours the database holds, so a
+        restore does not write them again."""
+        for state in self.states.values():
+            state.confirm_written()
+
     def evict(self) -> int:
         return sum(state.evict(self._max_lateness_ms, self._grace_ms) for state in self.states.values())
 

@@ -9,7 +9,9 @@ Record layouts (little-endian):
 * key:   JSON ``[topic, partition, hour_ms, metric, dimension_type, dimension_value]``;
          the partition's meta record is ``[topic, partition, "meta"]``
 * value: ``u8 version (1) | i64 offset | aggregate bytes (Agg.encode)``;
-         meta: ``u8 version (1) | i64 offset | i64 watermark_ms``
+         meta: ``u8 version (2) | i64 offset | i64 watermark_ms | u32 n | n x (i64 hour_ms,
+         i64 written_offset)``, the hours whose every change up to that offset is in the
+         database (version 1 has no such list: every restored key is written again)
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ log = logging.getLogger(__name__)
 
 _VALUE = struct.Struct("<Bq")
 _META = struct.Struct("<Bqq")
+_WRITTEN = struct.Struct("<I")
+_WRITTEN_HOUR = struct.Struct("<qq")
 _VERSION = 1
+_META_VERSION = 2
 _NO_WATERMARK = -(2**63)
 
 Clock = Callable[[], int]  # epoch milliseconds
@@ -94,18 +99,30 @@ def decode_value(data: bytes) -> tuple[int, Agg]:
     return offset, Agg.decode(data[_VALUE.size :])
 
 
-def encode_meta(offset: int, watermark_ms: int | None) -> bytes:
-    return _META.pack(_VERSION, offset, _NO_WATERMARK if watermark_ms is None else watermark_ms)
+def encode_meta(offset: int, watermark_ms: int | None, written: Mapping[int, int] = {}) -> bytes:
+    """``written``: hour -> the partition offset up to which every change of the hour is stored."""
+    watermark = _NO_WATERMARK if watermark_ms is None else watermark_ms
+    parts = [_META.pack(_META_VERSION, offset, watermark), _WRITTEN.pack(len(written))]
+    parts.extend(_WRITTEN_HOUR.pack(hour, through) for hour, through in sorted(written.items()))
+    return b"".join(parts)
 
 
-def decode_meta(data: bytes) -> tuple[int, int | None]:
+def decode_meta(data: bytes) -> tuple[int, int | None, dict[int, int]]:
+    """(offset, watermark, written hours); a version 1 record (before the written hours) has none."""
     try:
-        version, offset, watermark = _META.unpack(data)
+        version, offset, watermark = _META.unpack_from(data)
+        written: dict[int, int] = {}
+        if version == _META_VERSION:
+            (count,) = _WRITTEN.unpack_from(data, _META.size)
+            start = _META.size + _WRITTEN.size
+            if len(data) != start + count * _WRITTEN_HOUR.size:
+                raise StateError(f"checkpoint meta of {len(data)} bytes does not hold {count} written hours")
+            written = dict(_WRITTEN_HOUR.iter_unpack(data[start:]))
+        elif version != 1 or len(data) != _META.size:
+            raise StateError(f"checkpoint meta of unknown version {version} or size {len(data)}")
     except struct.error as exc:
         raise StateError(f"corrupt checkpoint meta: {exc}") from exc
-    if version != _VERSION:
-        raise StateError(f"checkpoint meta of unknown version {version}")
-    return offset, None if watermark == _NO_WATERMARK else watermark
+    return offset, None if watermark == _NO_WATERMARK else watermark, written
 
 
 # Offsets that never arrived (docs/design.md, "Gaps"): the consumer is sent back to the first
@@ -160,15 +177,22 @@ class PartitionState:
         self._checkpoint_dirty: set[Key] = set()
         self._encoded_keys: dict[Key, bytes] = {}  # checkpoint keys of held aggregates (a key is checkpointed often)
         self._flush_dirty: defaultdict[int, set[Key]] = defaultdict(set)  # by hour: flush goes by hour
+        # hour -> partition offset up to which every change of the hour is in the database
+        # (checkpointed in the meta record), and the same for hours taken by the flush under
+        # way, until it says they were all written (confirm_written).
+        self._written: dict[int, int] = {}
+        self._taken: dict[int, int] = {}
 
     # -- recovery ----------------------------------------------------------------------------
     def restore(self, records: Iterable[tuple[Key | None, bytes]]) -> None:
-        """Rebuild from checkpoint records (key None = meta). Restored keys are re-flushed."""
+        """Rebuild from checkpoint records (key None = meta). A restored key is flushed again
+        unless the meta record says its hour was written up to the key's offset or later."""
         for key, value in records:
             if key is None:
-                offset, watermark = decode_meta(value)
+                offset, watermark, written = decode_meta(value)
                 self.offset = max(self.offset, offset)
                 self.watermark_ms = watermark
+                self._written = written
                 continue
             offset, agg = decode_value(value)
             self.aggregates.put(key, agg)
@@ -177,7 +201,10 @@ class PartitionState:
         # ``offset`` stays the meta record's: what *every* key includes. Keys of a checkpoint that
         # crashed half-way may include more (up to the replay limit), but a checkpoint taken
         # while replaying must label the other keys, and commit, only what was replayed so far.
-        self._mark_flush_dirty(self.aggregates.take_dirty())
+        # A key that changed after its hour's last complete write was checkpointed later, with
+        # a higher offset; one whose offset is not above it holds what the database holds.
+        written, offsets = self._written, self._key_offsets
+        self._mark_flush_dirty(key for key in self.aggregates.take_dirty() if offsets[key] > written.get(key[0], -1))
 
     # -- admission ---------------------------------------------------------------------------
     def admit(self, offsets: Sequence[int]) -> Admission:
@@ -297,7 +324,7 @@ class PartitionState:
                 del encoded[key]
         records.sort(key=itemgetter(0))
         self._checkpoint_dirty.clear()
-        records.append((meta_key(self.topic, self.partition), encode_meta(self.offset, self.watermark_ms)))
+        records.append((meta_key(self.topic, self.partition), encode_meta(self.offset, self.watermark_ms, self._written)))
         return records
 
     # -- closing and flushing ----------------------------------------------------------------
@@ -338,12 +365,29 @@ class PartitionState:
     def take_flushable(self, grace_ms: int, idle_ms: int) -> list[tuple[Key, Agg]]:
         """Changed keys of closed hours, to write to the database; they are marked clean."""
         horizon = self.closed_hours_before(grace_ms, idle_ms)
-        ready = [key for hour in [h for h in self._flush_dirty if h + HOUR_MS <= horizon] for key in self._flush_dirty.pop(hour)]
+        hours = [h for h in self._flush_dirty if h + HOUR_MS <= horizon]
+        self._taken = {}  # a take that was never confirmed (a flush cut short) counts for nothing
+        ready = [key for hour in hours for key in self._flush_dirty.pop(hour)]
+        for hour in hours:  # every change of these hours up to here is being written
+            self._taken[hour] = self.offset
         return [(key, self.aggregates[key]) for key in ready if key in self.aggregates]  # the store orders its writes
 
     def unflush(self, keys: Iterable[Key]) -> None:
-        """A database write failed: these keys must be written again."""
+        """A database write failed: these keys must be written again (and their hours are not
+        written up to the take, whatever the other keys' writes did)."""
+        keys = list(keys)
+        for key in keys:
+            self._taken.pop(key[0], None)
         self._mark_flush_dirty(keys)
+
+    def confirm_written(self) -> None:
+        """Every write of the keys taken since the last call is done: those that failed were
+        given back (:meth:`unflush`); the other hours are in the database up to their take."""
+        held = self.aggregates.hours()
+        for hour, offset in self._taken.items():
+            if hour in held:  # not evicted meanwhile
+                self._written[hour] = max(self._written.get(hour, -1), offset)
+        self._taken.clear()
 
     def evict(self, max_lateness_ms: int, grace_ms: int) -> int:
         """Drop hours no event can change any more (older than watermark - max lateness) once
@@ -355,6 +399,8 @@ class PartitionState:
         pending_hours = {hour for hour, keys in self._flush_dirty.items() if keys}
         gone = self.aggregates.pop_hours(hour for hour in hours if hour not in pending_hours)
         self._checkpoint_dirty |= set(gone)
+        for hour in {key[0] for key in gone}:
+            self._written.pop(hour, None)
         return len(gone)
 
     @property

@@ -1,13 +1,19 @@
 """Recovery: a worker that committed everything and died before flushing leaves its hours in
 the checkpoint table only, and the next owner must write them although its partitions never
-deliver another event; a database that is not there is retried with backoff, losing nothing."""
+deliver another event; one that stopped cleanly leaves them written, and the next owner does
+not write them again; a database that is not there is retried with backoff, losing nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
+
+import asyncpg
 
 from tests.conftest import create_database
 from tests.integration.harness import (
@@ -35,6 +41,48 @@ def test_hours_only_in_the_checkpoint_are_flushed_by_the_next_owner(scenario: Ca
     world.start_worker()  # no event will ever reach it
     wait_for("rows from the checkpoints alone", counts_match(world, oracle), world.workers)
     assert_equal_to_oracle(world, oracle)
+
+
+def partials_written_since(world: Scenario, since: datetime | None) -> tuple[int, datetime]:
+    """How many partials were written after ``since`` (all of them when None), and the time now."""
+
+    async def count() -> tuple[int, datetime]:
+        conn = await asyncpg.connect(world.settings.database_url.get_secret_value())
+        try:
+            written = await conn.fetchval(
+                "SELECT count(*) FROM observability.metrics_partials WHERE $1::timestamptz IS NULL OR updated_at > $1", since
+            )
+            return written, await conn.fetchval("SELECT clock_timestamp()")
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+def test_hours_a_worker_wrote_before_a_clean_stop_are_not_written_again_by_the_next(scenario: Callable[..., Scenario]) -> None:
+    """The stop's checkpoint says which hours are stored up to which offset: the next worker
+    restores them without writing their partials again (it wrote every one of them before), and
+    still writes what changes after."""
+    world = scenario(hours=2, per_hour=1000, seed=19, STREAMAGG_MAX_LATENESS_SECONDS=str(3 * 3600))
+    world.produce()
+    oracle = world.oracle()
+    first, _ = world.start_worker()
+    wait_for("hour rows", counts_match(world, oracle), world.workers)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0
+    partials, stopped_at = partials_written_since(world, None)
+    assert partials > 1000
+
+    world.start_worker()
+    hour = world.start_ms
+    key = (hour, "trace.duration_ms", "operation_type", "chat")
+    before = world.rows()[key].count
+    late = {"trace_id": "late-after-restart", "operation_type": "chat", "started_at": hour + 60_000,
+            "duration_ms": 42.0, "status": "success", "user_id": "late-user", "kb_id": "kb-late"}  # fmt: skip
+    world.send_raw("traces", [json.dumps(late).encode()])  # read after the restore: flushed after it too
+    wait_for("the late event in its hour", lambda: world.rows()[key].count == before + 1, world.workers)
+    rewritten, _ = partials_written_since(world, stopped_at)
+    assert 0 < rewritten <= 20  # the late event's keys (its hour, its partition), not the restored ones
 
 
 def test_roll_ups_a_killed_worker_owed_are_done_by_the_next_worker(scenario: Callable[..., Scenario]) -> None:
