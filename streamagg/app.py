@@ -36,7 +36,7 @@ from typing import Any
 import faust
 from aiokafka.structs import ConsumerRecord
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP
+from faust.types import TP, ConsumerT
 from prometheus_client import CollectorRegistry
 
 from .aggregate import Key
@@ -216,6 +216,8 @@ class Runtime:
         self._inserted_since_analyze = 0  # final rows, since the planner's statistics were refreshed
         self._inserted_at_analyze = 0
         self.failed = False  # set when the worker stops because of an internal error
+        # Faust's consumer once its start made it, for the scrape thread (see _note_log_ends).
+        self._consumer: ConsumerT | None = None
 
     # -- recovery ----------------------------------------------------------------------------
     def _index_table(self) -> None:
@@ -234,7 +236,7 @@ class Runtime:
         self._index_table()
         assert self._recovered is not None
         sources = set(source_topics(self.settings))
-        consumer = self.app.consumer
+        consumer = self._consumer = self.app.consumer
         ready = {tp for tp in consumer.assignment() if tp.topic in sources}
         # A partition without checkpoints must be read from the log's first offset: tell its
         # state, so that a consumer starting it further on is sent back (PartitionState.admit).
@@ -265,10 +267,18 @@ class Runtime:
     def _note_log_ends(self) -> None:
         """Tell the pipeline the owned partitions' end offsets as the fetcher last saw them
         (plain integers, also from the scrape thread: a stale value at worst); none before the
-        first fetch."""
+        first fetch.
+
+        Never through ``app.consumer`` here: Faust creates the consumer on first access, and a
+        scrape during the worker's start made it in the scrape thread, a second consumer that
+        never started (``ConsumerNotStarted`` in the table manager's start) or one on the scrape
+        thread's event loop ("attached to a different loop")."""
         ends: dict[TopicPartition, int] = {}
+        consumer = self._consumer
+        if consumer is None:  # no partition is owned before the first recovery
+            self.pipeline.saw_log_ends(ends)
+            return
         try:
-            consumer = self.app.consumer
             for topic, partition in list(self.pipeline.states):
                 end = consumer.highwater(TP(topic, partition))
                 if end is not None and end >= 0:
