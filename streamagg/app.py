@@ -43,7 +43,7 @@ from .aggregate import Key
 from .buckets import DAY_MS, WEEK_MS, bucket_start_ms
 from .errors import StreamaggError
 from .lanes import in_lanes
-from .logs import count_client_errors
+from .logs import count_client_errors, keep_own_lines
 from .pipeline import DeadLetter, Flushable, Pipeline, RawMessage, TopicPartition
 from .rollup import rollup, rollup_keys
 from .settings import Settings
@@ -647,13 +647,18 @@ class _StopLimit:
 
 
 class _Worker(faust.Worker):
-    """Faust's worker, its stop on SIGINT/SIGTERM limited in time (:class:`_StopLimit`)."""
+    """Faust's worker, its stop on SIGINT/SIGTERM limited in time (:class:`_StopLimit`), and
+    streamagg's own log lines kept after mode sets up logging (:func:`keep_own_lines`)."""
 
     stop_limit: _StopLimit
 
     def _schedule_shutdown(self, signal: signal.Signals) -> None:  # mode's handler of both signals
         self.stop_limit.start()
         super()._schedule_shutdown(signal)
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        super().on_setup_root_logger(logger, level)
+        keep_own_lines(logger)
 
 
 def run_worker(settings: Settings, verbose: int = 0) -> None:

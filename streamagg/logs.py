@@ -5,7 +5,8 @@ A broker that cannot be reached made aiokafka log 70-80 ERROR lines a second for
 lasted: such repeats pass once per window (:class:`Repeats`), and the worker still counts every
 one of them in ``observability_aggregation_errors_total{stage="kafka"}``
 (:func:`count_client_errors`). mode (under Faust's worker) replaces the root logger's
-handlers, so everything here is a filter on the libraries' own loggers.
+handlers when the worker starts, so the filters are on the libraries' own loggers, and
+:func:`keep_own_lines` puts back what its handler changed.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class Repeats(logging.Filter):
         return True
 
 
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 # One for the process: it is on the Kafka client's loggers, which are the process's too.
 _CLIENT_REPEATS = Repeats()
 
@@ -93,7 +96,7 @@ def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose >= 2 else logging.WARNING,
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=FORMAT,
     )
     own_level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.getLogger("streamagg").setLevel(own_level)
@@ -110,3 +113,13 @@ def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
 def count_client_errors(count: Callable[[], None] | None) -> None:
     """Call ``count`` for every error the Kafka client logs (None: stop counting)."""
     _CLIENT_REPEATS.count_error = count
+
+
+def keep_own_lines(root: logging.Logger) -> None:
+    """After mode's logging setup at the worker's start: its handler took the root level
+    (WARNING), which dropped streamagg's own INFO lines for the rest of the run (restores,
+    rebalances, dead letters), and its own format. The loggers' levels decide again, and every
+    line has the format of the lines before the start."""
+    for handler in root.handlers:
+        handler.setLevel(logging.NOTSET)
+        handler.setFormatter(logging.Formatter(FORMAT))
