@@ -130,15 +130,16 @@ class _BatchConsumer(faust_aiokafka.Consumer):
                     continue
                 generation = app.consumer_generation_id
                 batch: dict[TP, list[ConsumerRecord]] = {}
+                changelog: list[tuple[TP, list[ConsumerRecord]]] = []
                 for tp, tp_records in records.items():
                     if active is not None and tp not in active and tp not in self._buffered_partitions:
                         await self._put_back({tp: tp_records})
-                        continue
-                    if tp.topic in sources:
+                    elif tp.topic in sources:
                         batch[tp] = tp_records
-                        continue
-                    for record in tp_records:  # changelog records, for table recovery
-                        await self.wait_first(callback(self._to_message(tp, record)), self.suspend_flow.wait())
+                    else:
+                        changelog.append((tp, tp_records))
+                if changelog:  # for table recovery, through Faust; a rebalance drops the rest
+                    await self.wait_first(self._deliver(callback, changelog), self.suspend_flow.wait())
                 if batch:
                     await self._put_back(await handle(batch, generation))
         except self.consumer_stopped_errors:
@@ -148,6 +149,15 @@ class _BatchConsumer(faust_aiokafka.Consumer):
         except asyncio.CancelledError:
             if not app.should_stop:
                 raise
+
+    async def _deliver(self, callback: Callable[[Any], Awaitable[Any]], records: list[tuple[TP, list[ConsumerRecord]]]) -> None:
+        """Changelog records to Faust's table recovery, in order, in one task: Faust waits for
+        each message apart (four tasks a message), which held a restart's recovery to about
+        12,000 records/s."""
+        to_message = self._to_message
+        for tp, tp_records in records:
+            for record in tp_records:
+                await callback(to_message(tp, record))
 
     async def _put_back(self, records: SourceBatch) -> None:
         """Seek still-assigned source partitions back to the first of these records, which are not
