@@ -49,7 +49,7 @@ from .rollup import rollup, rollup_keys
 from .settings import Settings
 from .state import collect_less_often, decode_key
 from .store import Store, StoreError, WriteResult, key_lock_id
-from .telemetry import Telemetry, serve
+from .telemetry import Progress, Telemetry, serve
 from .topics import deadletter_topic, ensure_topics, source_topics
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ STOP_CHECKPOINT_SECONDS = 10.0
 # the next owner of its partitions replays from the last commit (and does its queued roll-ups).
 STOP_LIMIT_SECONDS = 60.0
 MAX_BATCH_RECORDS = 5_000  # records per processed fetch: ~0.1 s of the event loop
+PROGRESS_SECONDS = 30.0  # a progress line in the log this often, while there is progress
 
 
 def _chunks(items: list[Flushable], max_keys: int) -> list[list[Flushable]]:
@@ -226,6 +227,7 @@ class Runtime:
         self._inserted_since_analyze = 0  # final rows, since the planner's statistics were refreshed
         self._inserted_at_analyze = 0
         self.failed = False  # set when the worker stops because of an internal error
+        self._progress = Progress.of(telemetry, [], time.monotonic())  # the counters at the last line
         # Faust's consumer once its start made it, for the scrape thread (see _note_log_ends).
         self._consumer: ConsumerT | None = None
 
@@ -522,6 +524,14 @@ class Runtime:
         log.warning("%s failed (%d in a row; state kept, retried in %.0f s): %s", stage, self._failures,
                     self._retry_at - time.monotonic(), exc)  # fmt: skip
 
+    def log_progress(self) -> None:
+        """A line of what the worker did since the last one, for whoever reads its log (a
+        catch-up on a backlog otherwise says nothing until it is done)."""
+        now = Progress.of(self.telemetry, self.health(), time.monotonic())
+        line, self._progress = now.line_since(self._progress), now
+        if line is not None:
+            log.info("%s", line)
+
     async def scheduled_rollup(self, now_ms: int) -> None:
         """01:00 UTC: the previous day, and on Mondays the previous week, from stored hours."""
         store = await self.store()
@@ -597,6 +607,10 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
     @app.timer(1.0, name="checkpoint")
     async def checkpoint() -> None:
         await runtime.checkpoint_if_due()  # also when the stream is idle
+
+    @app.timer(PROGRESS_SECONDS, name="progress")
+    async def progress() -> None:
+        runtime.log_progress()
 
     @app.crontab("5 * * * *", timezone=UTC)
     async def close_idle_hours() -> None:

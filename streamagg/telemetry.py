@@ -153,3 +153,65 @@ class BackfillTelemetry:
             "backfill_partitions_done", "Source partitions replayed to the end of their window", namespace=ns, registry=r
         )
         self.events_replayed = Counter("backfill_events_replayed", "Records read by the backfill", namespace=ns, registry=r)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the worker's periodic progress line compares: its counters and the partitions'
+    health at one moment (``at``: monotonic seconds)."""
+
+    at: float
+    aggregated: float
+    rejected: float
+    rows: tuple[float, float, float]  # hour, day, week rows written
+    behind: int  # records between the owned partitions' state and their log ends
+    watermark_lag_seconds: float | None  # of the partition furthest behind
+
+    @classmethod
+    def of(cls, telemetry: Telemetry, health: list[PartitionHealth], at: float) -> Progress:
+        rows = _totals(telemetry.rows_written)
+        lags = [item.watermark_lag_seconds for item in health if item.watermark_lag_seconds is not None]
+        return cls(
+            at=at,
+            aggregated=sum(_totals(telemetry.records_processed).values()),
+            rejected=sum(_totals(telemetry.events_rejected).values()),
+            rows=(rows.get(("hour",), 0.0), rows.get(("day",), 0.0), rows.get(("week",), 0.0)),
+            behind=sum(item.consumer_lag_records or 0 for item in health),
+            watermark_lag_seconds=max(lags, default=None),
+        )
+
+    def line_since(self, before: Progress) -> str | None:
+        """One line of what happened since ``before``; None when nothing did and nothing waits
+        to be read (an idle worker that has caught up says nothing)."""
+        aggregated, rejected = self.aggregated - before.aggregated, self.rejected - before.rejected
+        rows = [now - then for now, then in zip(self.rows, before.rows, strict=True)]
+        if not (aggregated or rejected or any(rows) or self.behind):
+            return None
+        seconds = max(self.at - before.at, 1e-9)
+        line = (
+            f"progress: {aggregated:,.0f} events aggregated in {seconds:.0f} s ({aggregated / seconds:,.0f}/s), "
+            f"{rejected:,.0f} dead-lettered; rows written: {rows[0]:,.0f} hour, {rows[1]:,.0f} day, "
+            f"{rows[2]:,.0f} week; {self.behind:,} records behind the log ends"
+        )
+        if self.watermark_lag_seconds is not None:
+            line += f"; newest event time {_duration(self.watermark_lag_seconds)} behind the clock on the slowest partition"
+        return line
+
+
+def _totals(metric: Counter) -> dict[tuple[str, ...], float]:
+    """A counter's value by label values (``()`` when it has no labels)."""
+    out: dict[tuple[str, ...], float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                out[tuple(sample.labels.values())] = sample.value
+    return out
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -76,3 +76,4 @@ def test_progress_off_a_terminal_is_a_line_every_few_seconds_and_at_each_milesto
         "generate producing: 0 of 300,000 events",
         "generate producing: 300,000 of 300,000 events",
     ]
+
