@@ -631,16 +631,25 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
     async def revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
         runtime.on_revoked(revoked)
 
-    @app.on_before_shutdown.connect
-    async def before_shutdown(sender: Any, **kwargs: Any) -> None:
+    async def stop_checkpoint() -> bool:
+        """The consumer is gone: no commit, only less replay (and fewer rewrites) for the next owner."""
         try:
-            # The consumer is gone: no commit, only less replay for the next owner.
             await asyncio.wait_for(runtime.checkpoint(commit=False), STOP_CHECKPOINT_SECONDS)
+            return True
         except TimeoutError:
             log.warning("the checkpoint at stop was not acknowledged in %.0f s (is Kafka reachable?); the next "
                         "owner of the partitions replays from the last commit instead", STOP_CHECKPOINT_SECONDS)  # fmt: skip
+            return False
+
+    @app.on_before_shutdown.connect
+    async def before_shutdown(sender: Any, **kwargs: Any) -> None:
+        acknowledged = False
+        try:
+            acknowledged = await stop_checkpoint()
         finally:
-            await runtime.close()
+            await runtime.close()  # lets a running flush pass finish
+        if acknowledged:  # once more: the hours that pass wrote are stored, which the next owner then knows
+            await stop_checkpoint()
 
     return app, runtime
 
