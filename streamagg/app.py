@@ -285,11 +285,10 @@ class Runtime:
         scrape during the worker's start made it in the scrape thread, a second consumer that
         never started (``ConsumerNotStarted`` in the table manager's start) or one on the scrape
         thread's event loop ("attached to a different loop")."""
-        ends: dict[TopicPartition, int] = {}
         consumer = self._consumer
         if consumer is None:  # no partition is owned before the first recovery
-            self.pipeline.saw_log_ends(ends)
             return
+        ends: dict[TopicPartition, int] = {}
         try:
             for topic, partition in list(self.pipeline.states):
                 end = consumer.highwater(TP(topic, partition))

@@ -99,7 +99,7 @@ def decode_value(data: bytes) -> tuple[int, Agg]:
     return offset, Agg.decode(data[_VALUE.size :])
 
 
-def encode_meta(offset: int, watermark_ms: int | None, written: Mapping[int, int] = {}) -> bytes:
+def encode_meta(offset: int, watermark_ms: int | None, written: Mapping[int, int]) -> bytes:
     """``written``: hour -> the partition offset up to which every change of the hour is stored."""
     watermark = _NO_WATERMARK if watermark_ms is None else watermark_ms
     parts = [_META.pack(_META_VERSION, offset, watermark), _WRITTEN.pack(len(written))]
@@ -366,10 +366,10 @@ class PartitionState:
         """Changed keys of closed hours, to write to the database; they are marked clean."""
         horizon = self.closed_hours_before(grace_ms, idle_ms)
         hours = [h for h in self._flush_dirty if h + HOUR_MS <= horizon]
-        self._taken = {}  # a take that was never confirmed (a flush cut short) counts for nothing
+        # Every change of these hours up to here is being written; a take that was never
+        # confirmed (a flush cut short) counts for nothing.
+        self._taken = dict.fromkeys(hours, self.offset)
         ready = [key for hour in hours for key in self._flush_dirty.pop(hour)]
-        for hour in hours:  # every change of these hours up to here is being written
-            self._taken[hour] = self.offset
         return [(key, self.aggregates[key]) for key in ready if key in self.aggregates]  # the store orders its writes
 
     def unflush(self, keys: Iterable[Key]) -> None:
