@@ -3,19 +3,28 @@
 bench/throughput asks one worker for >= 50,000 events/s end to end and >= half a plain
 consumer's rate. Whatever a worker does, it must at least read and decode every event, and
 PostgreSQL must at least take every row the input makes (hour rows, then day and week rows).
-This bench measures those two necessities alone, on the same pre-filled topics (the same
-generated input as bench/throughput with the same arguments), in the same run:
-  (a) the plain aiokafka consumer of bench/throughput: wall time and its CPU time;
+A worker built as issue 3 says (state in a Faust table, so in a changelog topic) must also
+send its state to the broker. This bench measures those necessities alone, on the same
+pre-filled topics (the same generated input as bench/throughput with the same arguments), in
+the same run:
+  (a) the plain aiokafka consumer of bench/throughput: wall time and its CPU time, and the
+      broker's CPU while it serves the read;
   (b) COPY of exactly the rows the input makes into a table with the contract's columns and
       unique key and nothing else (no upsert, no partials, no other index): wall time, client
       CPU and the PostgreSQL backend's CPU. First the rows that can be written before the last
       event is read, then those that cannot (the last hour's rows, and the day and week rows
-      holding it: they need that hour).
+      holding it: they need that hour);
+  (c) the aggregate state the input makes, sent once to a changelog-like topic (8 partitions,
+      acks=all) packed into values of up to 900 kB (fewer, larger records than any table's
+      one record a key: only its bytes are paid): wall time, client CPU and the broker's CPU.
 No aggregation, no merging across partitions, no wait for the last hour to close: all cost
-nothing here. Two lower bounds on a worker's end-to-end time follow:
+nothing here. Lower bounds on a worker's end-to-end time follow:
   cpu floor       = every CPU second of (a) and (b), spread over all cores
   ordering floor  = (a)'s wall time, then (b)'s after-the-last-event CPU over all cores
-and from the larger one the most events/s any worker could reach, next to the target.
+  with state      = every CPU second of (a), (b) and (c), the broker's included, over all cores
+and from the largest of the first two, then from the larger of all three, the most events/s
+any worker could reach, next to the target. The broker must run on this machine (the local
+stack), as PostgreSQL must: their processes' CPU is read from /proc.
 
     .venv/bin/python -m bench.floor [--events 200000] [--hours 4] [--keep]
 
@@ -25,6 +34,7 @@ The topics and the database are deleted at the end unless --keep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -36,12 +46,15 @@ from rich.console import Console
 
 from bench.core import messages
 from bench.throughput import input_parser, plain_consumer, prefilled
+from aiokafka import AIOKafkaProducer
+
 from streamagg.aggregate import AggregateState, Row, roll_up
 from streamagg.buckets import HOUR_MS, bucket_end_ms
 from streamagg.pipeline import Pipeline
 from streamagg.settings import Settings
 from streamagg.store import _columns
 from streamagg.telemetry import Telemetry
+from streamagg.topics import ensure_topics
 
 _COLUMNS = ("bucket_time", "granularity", "metric_name", "dimension_type", "dimension_value", "count", "sum_value",
             "min_value", "max_value", "avg_value", "p50_value", "p95_value", "p99_value", "sketch", "sketch_kind")  # fmt: skip
@@ -57,8 +70,13 @@ CREATE TABLE floor_rows (
 )"""
 
 
-def required_rows(settings: Settings, events: int, hours: int, seed: int, start_ms: int) -> list[Row]:
-    """Every hour, day and week row of the input (the rows the table must end with)."""
+CHANGELOG_VALUE_BYTES = 900_000
+
+
+def required_output(settings: Settings, events: int, hours: int, seed: int, start_ms: int) -> tuple[list[Row], list[list[bytes]]]:
+    """Every hour, day and week row of the input (the rows the table must end with), and the
+    checkpoint records of its per-partition state (the worker's, as ``key + value`` bytes),
+    packed per changelog partition into values of at most CHANGELOG_VALUE_BYTES."""
     end_ms = start_ms + hours * HOUR_MS
     pipeline = Pipeline(settings, Telemetry(CollectorRegistry()), lambda topic, partition: [], clock=lambda: end_ms)
     batch = messages(settings, events, hours, seed, start_ms)
@@ -68,7 +86,17 @@ def required_rows(settings: Settings, events: int, hours: int, seed: int, start_
     for state in pipeline.states.values():
         merged.merge(state.aggregates)
     hour_rows = merged.rows()
-    return [*hour_rows, *roll_up(hour_rows, "day"), *roll_up(hour_rows, "week")]
+    changelog: list[list[bytes]] = [[] for _ in range(settings.partitions)]
+    for (_, partition), records in pipeline.checkpoint_records().items():
+        values, pending, size = changelog[partition], [], 0
+        for key, value in records:
+            if size + len(key) + len(value or b"") > CHANGELOG_VALUE_BYTES and pending:
+                values.append(b"".join(pending))
+                pending, size = [], 0
+            pending.extend((key, value or b""))
+            size += len(key) + len(value or b"")
+        values.append(b"".join(pending))
+    return [*hour_rows, *roll_up(hour_rows, "day"), *roll_up(hour_rows, "week")], changelog
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -79,6 +107,57 @@ def cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def listener_pid(bootstrap: str) -> int | None:
+    """The process on this machine listening on the first bootstrap address's port (the broker),
+    found through /proc; None if there is none here."""
+    port = f":{int(bootstrap.split(',')[0].rsplit(':', 1)[1]):04X}"
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[1].endswith(port) and fields[3] == "0A":  # LISTEN
+                    sockets.add(f"socket:[{fields[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc")) if sockets else ():
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in sockets for fd in os.listdir(f"/proc/{pid}/fd")):
+                return int(pid)
+    return None
+
+
+class Cpu:
+    """CPU seconds of this process and of another one (the broker) over a ``with`` block."""
+
+    def __init__(self, other: int) -> None:
+        self._other = other
+        self.own = self.other = self.wall = 0.0
+
+    def __enter__(self) -> Cpu:
+        self._start = (time.perf_counter(), time.process_time(), cpu_seconds(self._other))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        wall, own, other = self._start
+        after = cpu_seconds(self._other)
+        if other is None or after is None:
+            raise SystemExit(f"process {self._other} went away during the bench")
+        self.wall, self.own, self.other = time.perf_counter() - wall, time.process_time() - own, after - other
+
+
+async def send_state(settings: Settings, changelog: Sequence[list[bytes]]) -> None:
+    """Every packed value to its partition of a fresh topic, acks=all, all acknowledged."""
+    topic = settings.topic("floor-changelog")
+    ensure_topics(settings, [topic])
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", max_request_size=16 * 1024 * 1024,
+                                max_batch_size=1024 * 1024)  # fmt: skip
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, value, partition=partition) for partition, values in enumerate(changelog) for value in values]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
 
 
 async def copy_rows(dsn: str, batches: Sequence[list[Row]]) -> list[tuple[float, float, float]]:
@@ -108,12 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     total = args.events // args.hours * args.hours
     cores = os.cpu_count() or 1
     with prefilled("floor", args.events, args.hours, args.seed, err, args.keep) as (settings, start_ms, _):
+        broker = listener_pid(settings.kafka_bootstrap)
+        if broker is None:
+            raise SystemExit(f"no process here listens on {settings.kafka_bootstrap}: run this bench on the broker's machine")
         err.print("plain aiokafka consumer, read + json.loads ...")
-        client = time.process_time()
-        read_wall = asyncio.run(plain_consumer(settings, total))
-        read_cpu = time.process_time() - client
-        err.print("the rows of the input (the core, untimed), then COPY ...")
-        rows = required_rows(settings, total, args.hours, args.seed, start_ms)
+        with Cpu(broker) as read:
+            asyncio.run(plain_consumer(settings, total))
+        read_wall, read_cpu = read.wall, read.own
+        err.print("the rows and the state of the input (the core, untimed), then COPY, then the state to a topic ...")
+        rows, changelog = required_output(settings, total, args.hours, args.seed, start_ms)
         last_hour = max(row.bucket_ms for row in rows if row.granularity == "hour")
         before, after = [], []
         for row in rows:  # the rows holding the last hour can only be written after it
@@ -121,20 +203,27 @@ def main(argv: list[str] | None = None) -> int:
         (b_wall, b_client, b_server), (a_wall, a_client, a_server) = asyncio.run(
             copy_rows(settings.database_url.get_secret_value(), [before, after])
         )
+        with Cpu(broker) as state:
+            asyncio.run(send_state(settings, changelog))
     cpu_floor = (read_cpu + b_client + b_server + a_client + a_server) / cores
     ordering_floor = read_wall + (a_client + a_server) / cores
     floor = max(cpu_floor, ordering_floor)
-    best, baseline = total / floor, total / read_wall
+    state_floor = max(floor, (read_cpu + read.other + b_client + b_server + a_client + a_server + state.own + state.other) / cores)
+    baseline = total / read_wall
+    state_bytes = sum(map(len, (value for values in changelog for value in values)))
     print(f"events                        {total:>10,}  ({args.hours} h, {cores} cores)")
-    print(f"(a) plain consumer            {read_wall:>10.2f} s wall  {read_cpu:.2f} s CPU   {baseline:,.0f} events/s")
+    print(f"(a) plain consumer            {read_wall:>10.2f} s wall  {read_cpu:.2f} s CPU + {read.other:.2f} s broker CPU   {baseline:,.0f} events/s")
     print(f"(b) COPY, before last event   {b_wall:>10.2f} s wall  {b_client:.2f} s client + {b_server:.2f} s server CPU  ({len(before):,} rows)")
     print(f"(b) COPY, after last event    {a_wall:>10.2f} s wall  {a_client:.2f} s client + {a_server:.2f} s server CPU  ({len(after):,} rows)")
+    print(f"(c) state to a changelog      {state.wall:>10.2f} s wall  {state.own:.2f} s client + {state.other:.2f} s broker CPU  "
+          f"({state_bytes / 1e6:,.1f} MB)")  # fmt: skip
     print(f"cpu floor                     {cpu_floor:>10.2f} s")
     print(f"ordering floor                {ordering_floor:>10.2f} s")
-    print(f"best any worker could do      {best:>10,.0f} events/s = {best / baseline:.2f} of the plain consumer "
-          f"(target: >= 50,000 and >= 0.50)")  # fmt: skip
-    print(f"left for everything else      {2 * read_wall - floor:>10.2f} s within 0.50 of the consumer, "
-          f"{total / 50_000 - floor:.2f} s within 50,000 events/s")  # fmt: skip
+    print(f"floor with state and broker   {state_floor:>10.2f} s")
+    for what, seconds in (("best any worker could do", floor), ("... keeping its state", state_floor)):
+        print(f"{what:<30}{total / seconds:>10,.0f} events/s = {total / seconds / baseline:.2f} of the plain consumer "
+              f"(target: >= 50,000 and >= 0.50); left for everything else: {2 * read_wall - seconds:.2f} s within 0.50 "
+              f"of the consumer, {total / 50_000 - seconds:.2f} s within 50,000 events/s")  # fmt: skip
     return 0
 
 
