@@ -35,6 +35,7 @@ from typing import Any
 
 import faust
 from aiokafka.structs import ConsumerRecord
+from faust.stores import memory as faust_memory
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, ConsumerT
 from prometheus_client import CollectorRegistry
@@ -152,13 +153,39 @@ class _BatchConsumer(faust_aiokafka.Consumer):
                 raise
 
     async def _deliver(self, callback: Callable[[Any], Awaitable[Any]], records: list[tuple[TP, list[ConsumerRecord]]]) -> None:
-        """Changelog records to Faust's table recovery, in order, in one task: Faust waits for
-        each message apart (four tasks a message); a restart recovering 262,645 records took 21 s
-        to the table recovered that way, 16 s this way."""
+        """Changelog records to the table, in order. Faust's recovery takes about 50 us a record (a
+        task and a timed wait per record in its loop, a lock and a task in the Conductor): a
+        restart recovering 262,983 records took 16-20 s to the table recovered. So the records of
+        a partition under recovery go straight into the table's in-memory store, as Faust's
+        recovery would put them there, tombstones deleting, each in offset order (Faust's
+        store applied a batch's deletes after its updates). Recovery is then told the
+        partition's new offset, and the fetch's last record goes through Faust's path: found
+        applied already, it only makes Faust check whether recovery is done. Records of any
+        other partition (a standby's: the app has none) take Faust's path."""
+        recovery = self.app.tables.recovery
         to_message = self._to_message
         for tp, tp_records in records:
+            table = recovery.tp_to_table.get(tp)
+            if table is None or tp not in recovery.active_tps or not isinstance(table.data, faust_memory.Store):
+                for record in tp_records:
+                    await callback(to_message(tp, record))
+                continue
+            seen = recovery.active_offsets.get(tp)
+            last = -1 if seen is None else seen
+            store = table.data
+            data, owners, partition = store.data, store._key_partition, tp.partition
             for record in tp_records:
-                await callback(to_message(tp, record))
+                if record.offset <= last:
+                    continue
+                last = record.offset
+                if record.value is None:
+                    data.pop(record.key, None)
+                else:
+                    data[record.key] = record.value
+                owners[record.key] = partition  # which keys the store drops with a lost partition
+            if seen is None or last > seen:
+                recovery.active_offsets[tp] = last
+            await callback(to_message(tp, tp_records[-1]))
 
     async def _put_back(self, records: SourceBatch) -> None:
         """Seek still-assigned source partitions back to the first of these records, which are not

@@ -67,17 +67,19 @@ class Scenario:
         producer.close()
 
     # -- workers --------------------------------------------------------------------------
-    def start_worker(self, app_id: str | None = None, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    def start_worker(
+        self, app_id: str | None = None, extra_env: dict[str, str] | None = None, log: Path | None = None
+    ) -> tuple[subprocess.Popen, int]:
+        """A worker process and its metrics port; its log goes to ``log`` when given."""
         port = free_port()
         env = {**self.env, **(extra_env or {}), "STREAMAGG_METRICS_PORT": str(port)}
         if app_id:
             env["STREAMAGG_APP_ID"] = app_id
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamagg", "worker"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=open(os.devnull, "wb") if not os.environ.get("TEST_WORKER_LOGS") else None,
-        )
+        if log is not None:
+            stderr = open(log, "wb")  # noqa: SIM115  (the worker's, for as long as it runs)
+        else:
+            stderr = open(os.devnull, "wb") if not os.environ.get("TEST_WORKER_LOGS") else None
+        proc = subprocess.Popen([sys.executable, "-m", "streamagg", "worker"], env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         self.workers.append(proc)
         return proc, port
 
