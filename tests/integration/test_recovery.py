@@ -47,6 +47,18 @@ def test_hours_only_in_the_checkpoint_are_flushed_by_the_next_owner(scenario: Ca
     assert_equal_to_oracle(world, oracle)
 
 
+def stored_then_stopped(world: Scenario) -> dict:
+    """The input produced and a worker run until every hour row is stored, then stopped cleanly
+    (SIGTERM, exit 0); returns the oracle."""
+    world.produce()
+    oracle = world.oracle()
+    first, _ = world.start_worker()
+    wait_for("hour rows", counts_match(world, oracle), world.workers)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0
+    return oracle
+
+
 def partials_written_since(world: Scenario, since: datetime | None) -> tuple[int, datetime]:
     """How many partials were written after ``since`` (all of them when None), and the time now."""
 
@@ -68,12 +80,7 @@ def test_hours_a_worker_wrote_before_a_clean_stop_are_not_written_again_by_the_n
     restores them without writing their partials again (it wrote every one of them before), and
     still writes what changes after."""
     world = scenario(hours=2, per_hour=1000, seed=19, STREAMAGG_MAX_LATENESS_SECONDS=str(3 * 3600))
-    world.produce()
-    oracle = world.oracle()
-    first, _ = world.start_worker()
-    wait_for("hour rows", counts_match(world, oracle), world.workers)
-    first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=60) == 0
+    stored_then_stopped(world)
     partials, stopped_at = partials_written_since(world, None)
     assert partials > 1000
 
@@ -114,12 +121,7 @@ def test_a_restarted_worker_recovers_exactly_what_its_changelog_holds(scenario: 
     (app._BatchConsumer._deliver): the next worker holds every key whose last record is a
     value and none whose last record is a tombstone (hours evicted past the lateness window)."""
     world = scenario(hours=3, per_hour=600, seed=21, STREAMAGG_MAX_LATENESS_SECONDS="900")
-    world.produce()
-    oracle = world.oracle()
-    first, _ = world.start_worker()
-    wait_for("hour rows", counts_match(world, oracle), world.workers)
-    first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=60) == 0
+    oracle = stored_then_stopped(world)
     held, deleted = changelog_keys(world)
     assert held > 1000 and deleted > 1000  # the first hours were evicted: tombstones to recover
 
