@@ -376,8 +376,9 @@ def req_exact_items(k: int, data: bytes) -> list[float] | None:
     n, remainder = divmod(stop - start, 4)
     if remainder or not 1 <= n < _REQ_INIT_SECTIONS * 2 * k:
         return None
-    items = list(struct.unpack_from(f"<{n}f", data, start))[::-1]
-    if not all(math.isfinite(item) for item in items) or req_exact_bytes(k, items) != data:
+    items = list(struct.unpack_from(f"<{n}f", data, start))
+    items.reverse()
+    if not all(map(math.isfinite, items)) or req_exact_bytes(k, items) != data:
         return None
     return items
 
