@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import shutil
 import signal
@@ -71,6 +72,7 @@ STOP_CHECKPOINT_SECONDS = 10.0
 STOP_LIMIT_SECONDS = 60.0
 MAX_BATCH_RECORDS = 5_000  # records per processed fetch: ~0.1 s of the event loop
 PROGRESS_SECONDS = 30.0  # a progress line in the log this often, while there is progress
+RECOVERY_PROGRESS_SECONDS = 10.0  # the same while the checkpoints are read back
 
 
 def _chunks(items: list[Flushable], max_keys: int) -> list[list[Flushable]]:
@@ -164,6 +166,7 @@ class _BatchConsumer(faust_aiokafka.Consumer):
         other partition (a standby's: the app has none) take Faust's path."""
         recovery = self.app.tables.recovery
         to_message = self._to_message
+        self._note_recovery(recovery, sum(len(tp_records) for _, tp_records in records))
         for tp, tp_records in records:
             table = recovery.tp_to_table.get(tp)
             if table is None or tp not in recovery.active_tps or not isinstance(table.data, faust_memory.Store):
@@ -186,6 +189,24 @@ class _BatchConsumer(faust_aiokafka.Consumer):
             if seen is None or last > seen:
                 recovery.active_offsets[tp] = last
             await callback(to_message(tp, tp_records[-1]))
+
+    _recovery_read = 0  # changelog records read since the last progress line
+    _recovery_noted_at = 0.0  # that line's time (or the recovery's start)
+    _recovery_fetched_at = -math.inf  # the last changelog fetch's time
+
+    def _note_recovery(self, recovery: Any, read: int) -> None:
+        """A progress line every RECOVERY_PROGRESS_SECONDS while the changelog is read (a large
+        state takes a while: about 8 us a record); a shorter recovery logs only its end. A fetch
+        that long after the previous one starts a new recovery (a rebalance)."""
+        now = time.monotonic()
+        if now - self._recovery_fetched_at > RECOVERY_PROGRESS_SECONDS:
+            self._recovery_noted_at, self._recovery_read = now, 0
+        self._recovery_fetched_at = now
+        self._recovery_read += read
+        if now - self._recovery_noted_at >= RECOVERY_PROGRESS_SECONDS:
+            log.info("recovering the checkpoints: %s records read in %.0f s, %s to go", f"{self._recovery_read:,}",
+                     now - self._recovery_noted_at, f"{recovery.active_remaining_total():,}")  # fmt: skip
+            self._recovery_noted_at, self._recovery_read = now, 0
 
     async def _put_back(self, records: SourceBatch) -> None:
         """Seek still-assigned source partitions back to the first of these records, which are not
