@@ -97,7 +97,11 @@ def free_port() -> int:
 
 
 def _port_is_free(port: int) -> bool:
+    """Nothing listens on the port. Connections a stopped server closed (TIME_WAIT) do not count,
+    as neither server minds them: without SO_REUSEADDR here, `stack up` right after `stack
+    down` took PostgreSQL to a random port."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
