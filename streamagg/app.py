@@ -238,6 +238,14 @@ class _App(faust.App):
         return _Transport(self.conf.broker_consumer, self)
 
 
+# mode names a service's logger after the module of its class: Faust's lifecycle lines of these
+# subclasses ("[^-_App]: Starting...") came out as streamagg's own INFO lines. They stay Faust's,
+# shown from WARNING on like the rest of Faust's (set after the class statements, which would
+# replace a logger mode already named).
+_App.logger = faust.App.logger
+_BatchConsumer.logger = faust_aiokafka.Consumer.logger
+
+
 class Runtime:
     """What the Faust callbacks share: the pipeline, the table, the store, telemetry."""
 
