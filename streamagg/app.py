@@ -317,10 +317,17 @@ class Runtime:
         # Rebuild every owned partition now, not on its next event: a partition whose events
         # were all consumed and committed by a worker that died before flushing them gets no
         # next event, and its hours would never be written.
+        restored = []
         for tp in sorted(ready):
+            new = not self.pipeline.owns(tp.topic, tp.partition)
             state = self.pipeline.state_for(tp.topic, tp.partition)
             if tp in starts:
                 state.expect(starts[tp])
+            if new and state.offset >= 0:
+                restored.append(state.open_keys)
+        if restored:  # one line, however many partitions (each on its own at DEBUG)
+            log.info("%d of %d partitions restored from their checkpoints: %s keys", len(restored), len(ready),
+                     f"{sum(restored):,}")  # fmt: skip
         self._ready = ready
         self._check_owed_rollups = True  # a rebalance may mean that a worker died
 

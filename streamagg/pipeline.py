@@ -115,7 +115,7 @@ class Pipeline:
             state = PartitionState(topic, partition, self._kinds, self._settings.max_series_per_dimension, self._clock)
             state.restore(self._restore(topic, partition))
             if state.offset >= 0:
-                log.info("restored %s[%d] up to offset %d: %d keys", topic, partition, state.offset, state.open_keys)
+                log.debug("restored %s[%d] up to offset %d: %d keys", topic, partition, state.offset, state.open_keys)
             self.states[(topic, partition)] = state
         return state
 

@@ -119,7 +119,8 @@ def changelog_keys(world: Scenario) -> tuple[int, int]:
 def test_a_restarted_worker_recovers_exactly_what_its_changelog_holds(scenario: Callable[..., Scenario], tmp_path: Path) -> None:
     """Recovery puts the changelog's records into the table itself, not through Faust's loop
     (app._BatchConsumer._deliver): the next worker holds every key whose last record is a
-    value and none whose last record is a tombstone (hours evicted past the lateness window)."""
+    value and none whose last record is a tombstone (hours evicted past the lateness window),
+    and rebuilds its partitions' state from all of them."""
     world = scenario(hours=3, per_hour=600, seed=21, STREAMAGG_MAX_LATENESS_SECONDS="900")
     oracle = stored_then_stopped(world)
     held, deleted = changelog_keys(world)
@@ -131,6 +132,11 @@ def test_a_restarted_worker_recovers_exactly_what_its_changelog_holds(scenario: 
     wait_for("the table recovered", lambda: recovered.search(log.read_bytes()) is not None, world.workers)
     match = recovered.search(log.read_bytes())
     assert match is not None and int(match[1]) == held
+    # Every recovered record is in the hot state: a meta record per partition, the rest keys.
+    restored = re.compile(rb"(\d+) of \d+ partitions restored from their checkpoints: ([\d,]+) keys")
+    wait_for("the partitions restored", lambda: restored.search(log.read_bytes()) is not None, world.workers)
+    partitions, keys = restored.search(log.read_bytes()).groups()  # type: ignore[union-attr]
+    assert int(partitions) + int(keys.replace(b",", b"")) == held
     assert_equal_to_oracle(world, oracle)
 
 
