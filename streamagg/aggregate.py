@@ -279,6 +279,10 @@ class AggregateState:
     ``sketch_kinds`` names the sketch kind of each full metric. Past ``max_series_per_dimension``
     distinct values in one (hour, metric, dimension type), new values go to ``__overflow__``.
     Keys touched since the last :meth:`take_dirty` are reported by it.
+
+    A key restored with :meth:`put_encoded` holds its :meth:`Agg.encode` bytes until it is first
+    read: a restart restores every key of the lateness window (262,164 in bench/throughput's
+    state: 1.7-1.9 s to decode), and most of them are never read again.
     """
 
     def __init__(self, sketch_kinds: Mapping[str, Kind], max_series_per_dimension: int) -> None:
@@ -287,7 +291,7 @@ class AggregateState:
             raise StateError(f"no sketch kind for {', '.join(missing)}")
         self._kinds = dict(sketch_kinds)
         self._max_series = max_series_per_dimension
-        self._aggs: dict[Key, Agg] = {}
+        self._aggs: dict[Key, Agg | bytes] = {}  # bytes: restored, not read since (put_encoded)
         self._by_hour: defaultdict[int, set[Key]] = defaultdict(set)  # eviction goes by hour
         self._series: defaultdict[tuple[int, str, str], int] = defaultdict(int)
         self._dirty: set[Key] = set()
@@ -302,15 +306,29 @@ class AggregateState:
         return key in self._aggs
 
     def __getitem__(self, key: Key) -> Agg:
-        return self._aggs[key]
+        agg = self._read(key)
+        if agg is None:
+            raise KeyError(key)
+        return agg
+
+    def _read(self, key: Key) -> Agg | None:
+        """The aggregate of ``key``, decoded first if it was restored and not read since."""
+        agg = self._aggs.get(key)
+        if agg.__class__ is bytes:
+            agg = self._aggs[key] = Agg.decode(agg)  # type: ignore[arg-type]
+        return agg  # type: ignore[return-value]
 
     def keys(self) -> Iterable[Key]:
         return self._aggs.keys()
 
     def items(self) -> Iterable[tuple[Key, Agg]]:
-        return self._aggs.items()
+        for key in [key for key, agg in self._aggs.items() if agg.__class__ is bytes]:
+            self._read(key)
+        return self._aggs.items()  # type: ignore[return-value]
 
-    def values(self) -> Iterable[Agg]:
+    def held(self) -> Iterable[Agg | bytes]:
+        """What each key holds: its aggregate, or the bytes of one restored and not read since
+        (for the memory gauge, which must not decode them)."""
         return self._aggs.values()
 
     # -- ingest --------------------------------------------------------------------------------
@@ -376,7 +394,7 @@ class AggregateState:
         distinct values); None when ``accept`` refuses the key."""
         name = metric.name
         key = (hour, name, dimension_type, value)
-        agg = self._aggs.get(key)
+        agg = self._read(key)
         overflowed = False
         if (
             agg is None
@@ -385,7 +403,7 @@ class AggregateState:
             and self._series[(hour, name, dimension_type)] >= self._max_series
         ):
             key = (hour, name, dimension_type, OVERFLOW_VALUE)
-            agg = self._aggs.get(key)
+            agg = self._read(key)
             overflowed = True
         if self._accept is not None and not self._accept(key):
             return None, overflowed
@@ -404,29 +422,42 @@ class AggregateState:
         return dirty
 
     def put(self, key: Key, agg: Agg) -> None:
-        """Install an aggregate (restored from a checkpoint); merges if the key exists."""
-        existing = self._aggs.get(key)
+        """Install an aggregate (e.g. another partition's); merges if the key exists."""
+        existing = self._read(key)
         if existing is None:
-            self._aggs[key] = agg
-            self._by_hour[key[0]].add(key)
-            if key[2] is not None and key[3] != OVERFLOW_VALUE:
-                self._series[(key[0], key[1], key[2])] += 1
+            self._install(key, agg)
         else:
             existing.merge(agg)
         self._dirty.add(key)
+
+    def put_encoded(self, key: Key, data: bytes) -> None:
+        """Install an aggregate restored from a checkpoint, as its :meth:`Agg.encode` bytes, read
+        on first use (a corrupt one raises StateError then); merges if the key exists."""
+        if key in self._aggs:
+            self.put(key, Agg.decode(data))
+            return
+        self._install(key, data)
+        self._dirty.add(key)
+
+    def _install(self, key: Key, agg: Agg | bytes) -> None:
+        self._aggs[key] = agg
+        self._by_hour[key[0]].add(key)
+        if key[2] is not None and key[3] != OVERFLOW_VALUE:
+            self._series[(key[0], key[1], key[2])] += 1
 
     def merge(self, other: AggregateState) -> None:
         """Fold another state (e.g. another partition's) into this one."""
         for key, agg in other.items():
             self.put(key, agg)
 
-    def pop_hours(self, hours: Iterable[int]) -> dict[Key, Agg]:
-        """Remove and return every aggregate of the given hours (evicting closed state)."""
+    def pop_hours(self, hours: Iterable[int]) -> set[Key]:
+        """Remove every aggregate of the given hours (evicting closed state); returns their keys."""
         wanted = set(hours)
-        taken = {}
+        taken = set()
         for hour in wanted:
             for key in self._by_hour.pop(hour, ()):
-                taken[key] = self._aggs.pop(key)
+                del self._aggs[key]
+                taken.add(key)
                 self._dirty.discard(key)
         for series in [s for s in self._series if s[0] in wanted]:
             del self._series[series]
@@ -438,7 +469,7 @@ class AggregateState:
     def rows(self, keys: Iterable[Key] | None = None) -> list[Row]:
         """Hour rows of the given keys (all keys when None), sorted by key."""
         chosen = self._aggs.keys() if keys is None else keys
-        return [self._aggs[key].to_row(key, "hour") for key in sorted(chosen, key=_sort_key)]
+        return [self[key].to_row(key, "hour") for key in sorted(chosen, key=_sort_key)]
 
 
 def _positions_by_key(keys: list[tuple[int, str | None] | None]) -> dict[tuple[int, str | None], list[int]]:

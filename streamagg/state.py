@@ -97,13 +97,14 @@ def encode_value(offset: int, agg: Agg) -> bytes:
     return _VALUE.pack(_VERSION, offset) + agg.encode()
 
 
-def decode_value(data: bytes) -> tuple[int, Agg]:
+def decode_value(data: bytes) -> tuple[int, bytes]:
+    """(offset, the aggregate's bytes): :meth:`Agg.decode` reads them, when they are needed."""
     if len(data) < _VALUE.size:
         raise StateError(f"checkpoint value of {len(data)} bytes is too short")
     version, offset = _VALUE.unpack_from(data)
     if version != _VERSION:
         raise StateError(f"checkpoint value of unknown version {version}")
-    return offset, Agg.decode(data[_VALUE.size :])
+    return offset, data[_VALUE.size :]
 
 
 def encode_meta(offset: int, watermark_ms: int | None, written: Mapping[int, int]) -> bytes:
@@ -143,6 +144,13 @@ _BEFORE_EVERY_HOUR = -(1 << 62)  # epoch ms before any event time
 # The memory gauge looks at this many aggregates of a partition, at most this often.
 MEMORY_SAMPLE = 1_000
 MEMORY_REFRESH_MS = 10_000
+
+
+def _held_bytes(agg: Agg | bytes) -> int:
+    """About 200 bytes an aggregate plus its sketch's; a restored one not read yet is its bytes."""
+    if agg.__class__ is bytes:
+        return 33 + len(agg)  # type: ignore[arg-type]
+    return 200 + (agg.sketch.memory_bytes if agg.sketch is not None else 0)  # type: ignore[union-attr]
 
 
 @dataclass
@@ -202,7 +210,7 @@ class PartitionState:
                 self._written = written
                 continue
             offset, agg = decode_value(value)
-            self.aggregates.put(key, agg)
+            self.aggregates.put_encoded(key, agg)  # decoded on first use: most keys never are
             self._key_offsets[key] = offset
             self._replay_until = max(self._replay_until, offset)
         # ``offset`` stays the meta record's: what *every* key includes. Keys of a checkpoint that
@@ -421,9 +429,9 @@ class PartitionState:
         every aggregate each time took 13% of a busy worker's CPU, scraped every 0.1 s."""
         now = self._clock()
         if self._memory is None or now - self._memory[1] >= MEMORY_REFRESH_MS:
-            aggs = list(self.aggregates.values())  # atomic under the GIL
+            aggs = list(self.aggregates.held())  # atomic under the GIL
             step = -(-len(aggs) // MEMORY_SAMPLE) or 1
             sample = aggs[::step]
-            held = sum(200 + (agg.sketch.memory_bytes if agg.sketch is not None else 0) for agg in sample)
+            held = sum(_held_bytes(agg) for agg in sample)
             self._memory = (held * len(aggs) // max(1, len(sample)), now)
         return self._memory[0]

@@ -9,6 +9,7 @@ import pytest
 
 from streamagg.aggregate import AggregateState
 from streamagg.buckets import HOUR_MS
+from streamagg.errors import StateError
 from streamagg.state import (
     MEMORY_REFRESH_MS,
     MEMORY_SAMPLE,
@@ -80,6 +81,24 @@ def test_crash_anywhere_neither_loses_nor_doubles(seed: int) -> None:
     for start in range(committed + 1, len(batch), 37):
         recovered.ingest(batch[start : start + 37], LATENESS_MS)
     assert final_stats(recovered) == reference(events)
+
+
+def test_a_restore_reads_each_key_when_first_used_and_a_corrupt_one_fails_then() -> None:
+    events = make_events(hours=2, per_hour=400, seed=12)
+    first = new_state()
+    first.ingest(list(enumerate(events[:600])), LATENESS_MS)
+    log = first.checkpoint_records()
+    restored = new_state()
+    restored.restore(changelog_view(log))
+    assert all(type(held) is bytes for held in restored.aggregates.held())  # nothing decoded yet
+    restored.ingest(list(enumerate(events))[600:], LATENESS_MS)
+    assert final_stats(restored) == reference(events)
+
+    key, value = next((key, value) for key, value in changelog_view(log) if key is not None)
+    corrupt = new_state()
+    corrupt.restore([(key, value[:-3])])  # restored: its bytes are not read yet
+    with pytest.raises(StateError):
+        corrupt.aggregates[key]
 
 
 def test_checkpoint_keys_are_the_bytes_json_dumps_writes() -> None:
@@ -187,7 +206,7 @@ def test_the_memory_gauge_samples_and_refreshes() -> None:
     clock = Clock(START_MS)
     state = new_state(clock)
     state.ingest(list(enumerate(make_events(hours=1, per_hour=3_000, seed=10))), LATENESS_MS)
-    aggs = list(state.aggregates.values())
+    aggs = list(state.aggregates.held())
     assert len(aggs) > 2 * MEMORY_SAMPLE  # the gauge samples
     every = sum(200 + (a.sketch.memory_bytes if a.sketch is not None else 0) for a in aggs)
     estimate = state.estimated_bytes()
