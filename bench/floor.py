@@ -90,11 +90,12 @@ def required_output(settings: Settings, events: int, hours: int, seed: int, star
     for (_, partition), records in pipeline.checkpoint_records().items():
         values, pending, size = changelog[partition], [], 0
         for key, value in records:
-            if size + len(key) + len(value or b"") > CHANGELOG_VALUE_BYTES and pending:
+            record = key + (value or b"")
+            if size + len(record) > CHANGELOG_VALUE_BYTES and pending:
                 values.append(b"".join(pending))
                 pending, size = [], 0
-            pending.extend((key, value or b""))
-            size += len(key) + len(value or b"")
+            pending.append(record)
+            size += len(record)
         values.append(b"".join(pending))
     return [*hour_rows, *roll_up(hour_rows, "day"), *roll_up(hour_rows, "week")], changelog
 
@@ -128,7 +129,8 @@ def listener_pid(bootstrap: str) -> int | None:
 
 
 class Cpu:
-    """CPU seconds of this process and of another one (the broker) over a ``with`` block."""
+    """CPU seconds of this process and of another one (the broker, a database backend) over a
+    ``with`` block, and its wall time."""
 
     def __init__(self, other: int) -> None:
         self._other = other
@@ -166,16 +168,14 @@ async def copy_rows(dsn: str, batches: Sequence[list[Row]]) -> list[tuple[float,
     try:
         await conn.execute(_TABLE)
         backend = await conn.fetchval("SELECT pg_backend_pid()")
+        if cpu_seconds(backend) is None:
+            raise SystemExit("the PostgreSQL backend's CPU is not readable here: run this bench on the database's machine")
         out = []
         for rows in batches:
             records = list(zip(*_columns(rows)[: len(_COLUMNS)], strict=True))
-            server, client, wall = cpu_seconds(backend), time.process_time(), time.perf_counter()
-            await conn.copy_records_to_table("floor_rows", columns=_COLUMNS, records=records)
-            wall, client = time.perf_counter() - wall, time.process_time() - client
-            after = cpu_seconds(backend)
-            if server is None or after is None:
-                raise SystemExit("the PostgreSQL backend's CPU is not readable here: run this bench on the database's machine")
-            out.append((wall, client, after - server))
+            with Cpu(backend) as copy:
+                await conn.copy_records_to_table("floor_rows", columns=_COLUMNS, records=records)
+            out.append((copy.wall, copy.own, copy.other))
         return out
     finally:
         await conn.close()

@@ -174,9 +174,9 @@ class _BatchConsumer(faust_aiokafka.Consumer):
         to_message = self._to_message
         self._note_recovery(recovery, sum(len(tp_records) for _, tp_records in records))
         for tp, tp_records in records:
-            table = recovery.tp_to_table.get(tp)
             if not tp_records:
                 continue
+            table = recovery.tp_to_table.get(tp)
             if table is None or tp not in recovery.active_tps or not isinstance(table.data, faust_memory.Store):
                 for record in tp_records:
                     await callback(to_message(tp, record))

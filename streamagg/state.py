@@ -209,8 +209,8 @@ class PartitionState:
                 self.watermark_ms = watermark
                 self._written = written
                 continue
-            offset, agg = decode_value(value)
-            self.aggregates.put_encoded(key, agg)  # decoded on first use: most keys never are
+            offset, data = decode_value(value)
+            self.aggregates.put_encoded(key, data)  # decoded on first use: most keys never are
             self._key_offsets[key] = offset
             self._replay_until = max(self._replay_until, offset)
         # ``offset`` stays the meta record's: what *every* key includes. Keys of a checkpoint that
