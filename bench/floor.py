@@ -49,10 +49,9 @@ from bench.throughput import input_parser, plain_consumer, prefilled
 from aiokafka import AIOKafkaProducer
 
 from streamagg.aggregate import AggregateState, Row, roll_up
-from streamagg.buckets import HOUR_MS, bucket_end_ms
+from streamagg.buckets import HOUR_MS, bucket_end_ms, to_datetime
 from streamagg.pipeline import Pipeline
 from streamagg.settings import Settings
-from streamagg.store import _columns
 from streamagg.telemetry import Telemetry
 from streamagg.topics import ensure_topics
 
@@ -172,7 +171,12 @@ async def copy_rows(dsn: str, batches: Sequence[list[Row]]) -> list[tuple[float,
             raise SystemExit("the PostgreSQL backend's CPU is not readable here: run this bench on the database's machine")
         out = []
         for rows in batches:
-            records = list(zip(*_columns(rows)[: len(_COLUMNS)], strict=True))
+            records = [
+                (to_datetime(r.bucket_ms), r.granularity, r.metric_name, r.dimension_type, r.dimension_value, r.count,
+                 r.sum_value, r.min_value, r.max_value, r.avg_value, r.p50_value, r.p95_value, r.p99_value, r.sketch,
+                 r.sketch_kind)
+                for r in rows
+            ]  # fmt: skip
             with Cpu(backend) as copy:
                 await conn.copy_records_to_table("floor_rows", columns=_COLUMNS, records=records)
             out.append((copy.wall, copy.own, copy.other))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import re
 import subprocess
@@ -13,11 +15,12 @@ import asyncpg
 import pytest
 
 from streamagg.aggregate import AggregateState, roll_up
-from streamagg.buckets import HOUR_MS, bucket_start_ms, rfc3339, to_datetime
+from streamagg.buckets import HOUR_MS, bucket_start_ms, rfc3339
 from streamagg.rollup import rollup
 from streamagg.settings import Settings
 from streamagg.store import Store, WriteResult
 from streamagg.oracle import exact_hours
+from streamagg.events import validate
 from tests.unit.test_aggregate import START_MS, assert_row_matches, kinds, make_events, stats
 
 
@@ -353,16 +356,46 @@ def test_reading_other_partials_probes_the_index_per_key(database: str) -> None:
                 " FROM generate_series(0, 59999) AS i"
             )
             await store.analyze()
-            keys = [(to_datetime(h * HOUR_MS), "trace.duration_ms", "user_id", f"u{u}") for u in range(1000) for h in range(5)]
-            keys += [(to_datetime(h * HOUR_MS), "trace.duration_ms", None, None) for h in range(5)]  # the global slice
-            n = len(keys)
-            partials = [*(list(c) for c in zip(*keys)), [0] * n, [1] * n, [None] * n, [1.0] * n, [1.0] * n,
-                        [None] * n, [None] * n, [None] * n, [0] * n]  # fmt: skip
+            keys = [(h * HOUR_MS, "trace.duration_ms", "user_id", f"u{u}") for u in range(1000) for h in range(5)]
+            keys += [(h * HOUR_MS, "trace.duration_ms", None, None) for h in range(5)]  # the global slice
+            partials = json.dumps([[*key, 0, 1, None, 1.0, 1.0, None, None, None, 0] for key in keys])
             async with store._pool.acquire() as conn:
-                plan = await conn.fetch("EXPLAIN " + _WRITE_PARTIALS, *partials, [], [], [], [])
+                plan = await conn.fetch("EXPLAIN " + _WRITE_PARTIALS, partials, [], [], [], [])
             return "\n".join(row[0] for row in plan)
 
     plan = asyncio.run(run())
     assert "Index Scan using metrics_partials_key" in plan, plan
     assert "(dimension_type IS NULL) AND (dimension_value IS NULL)" in plan, plan  # the global slice's probe
     assert "Seq Scan on metrics_partials" not in plan and "Sort" not in plan, plan
+
+
+def test_a_sum_beyond_float_range_is_stored_as_infinity_at_every_step(database: str) -> None:
+    """Values are finite, their sum need not be: the partial, the final hour row and the day row
+    hold +inf as the sum and the average (rows go to PostgreSQL as JSON, which has no infinity),
+    while count, min and max stay exact."""
+    events = [
+        validate("traces", {"trace_id": f"t{i}", "operation_type": "chat", "started_at": START_MS + i * 1000,
+                            "duration_ms": 1e308, "status": "success"})
+        for i in range(3)
+    ]  # fmt: skip
+    partitions = [AggregateState(kinds(), 10_000) for _ in range(2)]
+    partitions[0].ingest(events[:2])
+    partitions[1].ingest(events[2:])
+    key = (START_MS, "trace.duration_ms", None, None)
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.write_partials_of([(p, 0, [(key, state[key])]) for p, state in enumerate(partitions)])
+            parts = await store.execute(
+                "SELECT 1 FROM observability.metrics_partials WHERE metric_name = 'trace.duration_ms' AND count = 2"
+                " AND min_value = 1e308 AND max_value = 1e308"
+            )
+            assert parts == "SELECT 1"
+            await rollup(store, "day", START_MS, START_MS + HOUR_MS)
+            for granularity in ("hour", "day"):
+                row = next(r for r in await store.fetch_rows(granularity, START_MS - 24 * HOUR_MS, START_MS + 24 * HOUR_MS)
+                           if r.metric_name == "trace.duration_ms" and r.dimension_type is None)  # fmt: skip
+                assert (row.count, row.sum_value, row.avg_value) == (3, math.inf, math.inf), granularity
+                assert (row.min_value, row.max_value, row.p50_value, row.p99_value) == (1e308,) * 4, granularity
+
+    asyncio.run(run())
