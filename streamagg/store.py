@@ -278,25 +278,15 @@ async def _lock(conn: asyncpg.Connection, lock_ids: Iterable[int]) -> None:
 
 
 def _row_from_record(record: asyncpg.Record) -> Row:
-    fingerprint = record["value_fingerprint"]
+    """The row of a record of ``_COLUMNS`` (or ``_T_COLUMNS``), in that order: unpacked by position,
+    which takes half the time of a lookup by name per column (a roll-up reads every hour row)."""
+    (bucket_time, granularity, metric, dimension_type, dimension_value, count, sum_value, min_value, max_value,
+     avg_value, p50, p95, p99, sketch, sketch_kind, fingerprint) = record  # fmt: skip
     return Row(
-        bucket_ms=to_ms(record["bucket_time"]),
-        granularity=record["granularity"],
-        metric_name=record["metric_name"],
-        dimension_type=record["dimension_type"],
-        dimension_value=record["dimension_value"],
-        count=record["count"],
-        sum_value=record["sum_value"],
-        min_value=record["min_value"],
-        max_value=record["max_value"],
-        avg_value=record["avg_value"],
-        p50_value=record["p50_value"],
-        p95_value=record["p95_value"],
-        p99_value=record["p99_value"],
-        sketch=bytes(record["sketch"]) if record["sketch"] is not None else None,
-        sketch_kind=record["sketch_kind"],
-        fingerprint=exact.from_signed64(fingerprint) if fingerprint is not None else None,
-    )
+        to_ms(bucket_time), granularity, metric, dimension_type, dimension_value, count, sum_value, min_value,
+        max_value, avg_value, p50, p95, p99, sketch, sketch_kind,
+        exact.from_signed64(fingerprint) if fingerprint is not None else None,
+    )  # fmt: skip
 
 
 def _rows_json(rows: Sequence[Row]) -> str:
