@@ -399,3 +399,33 @@ def test_a_sum_beyond_float_range_is_stored_as_infinity_at_every_step(database: 
                 assert (row.min_value, row.max_value, row.p50_value, row.p99_value) == (1e308,) * 4, granularity
 
     asyncio.run(run())
+
+
+def test_dimension_values_of_any_text_round_trip_through_every_write(database: str) -> None:
+    """Rows go to PostgreSQL as JSON: quotes, backslashes, control characters, non-ASCII text,
+    JSON-looking text and the empty string (a value, not NULL) come back exactly, through a
+    partial, its final hour row and the day row."""
+    values = ['a"b', "back\\slash", "it's", "ünïcødé ✓ 🚀 中文", "\x01\x1f\x7f", '{"json": [1, null]}', "", " ", "007",
+              "null", "x" * 256]  # fmt: skip
+    events = [
+        validate("traces", {"trace_id": f"t{i}", "operation_type": value, "started_at": START_MS + i * 1000,
+                            "duration_ms": 1.5 + i, "status": "success"})
+        for i, value in enumerate(values)
+    ]  # fmt: skip
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    keys = [key for key in state.keys() if key[1] == "trace.duration_ms" and key[2] == "operation_type"]
+    assert sorted(key[3] for key in keys) == sorted(values)
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.write_partials_of([(0, 0, [(key, state[key]) for key in keys])])
+            await rollup(store, "day", START_MS, START_MS + HOUR_MS)
+            for granularity in ("hour", "day"):
+                rows = await store.fetch_rows(granularity, START_MS - 24 * HOUR_MS, START_MS + 24 * HOUR_MS, "trace.duration_ms")
+                stored = {row.dimension_value: row for row in rows if row.dimension_type == "operation_type"}
+                assert sorted(stored) == sorted(values), granularity
+                for i, value in enumerate(values):
+                    assert (stored[value].count, stored[value].sum_value) == (1, 1.5 + i), (granularity, value)
+
+    asyncio.run(run())
