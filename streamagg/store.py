@@ -100,10 +100,10 @@ _COLUMNS = (
 )
 _T_COLUMNS = ", ".join("t." + c.strip() for c in _COLUMNS.split(","))
 
+
 def _bucket_time(milliseconds: str) -> str:
     """SQL of the timestamptz ``milliseconds`` (a text expression) after the epoch, exactly."""
     return f"(timestamptz 'epoch' + ({milliseconds})::bigint * interval '1 millisecond')"
-
 
 
 RowKey = tuple[Granularity, int, str | None]  # (granularity, bucket start ms, dimension value) within one slice
