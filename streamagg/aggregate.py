@@ -146,6 +146,9 @@ class Agg:
         """The reported statistics of a full aggregate; None for a count aggregate."""
         if self.sketch is None:
             return None
+        if self.count == 1:  # most keys (a user's hour): every statistic is the one value, no sketch read
+            value = self.min
+            return Summary(value, value, value, value, value, value, value)
         total = exact.rounded(self.total)
         # Every quantile lies within the exact [min, max]; a REQ sketch's float32 items do not
         # (one event of 0.1 read 0.10000000149): clamped, a single event's percentiles are its value.

@@ -156,6 +156,22 @@ def stats(row: Row) -> tuple:
     return (row.count, row.sum_value, row.min_value, row.max_value, row.avg_value, row.fingerprint, quantiles)
 
 
+@pytest.mark.parametrize("value", [0.1, 12.25, 1e300, 5e-324, 0.0])
+def test_a_single_value_is_every_statistic_of_its_bucket_after_any_path(value: float) -> None:
+    """CONTRACT section 3: one event gives min = max = avg = p50 = p95 = p99 = its value, also
+    where float32 (REQ's items) cannot hold it, after a checkpoint round trip and once merged
+    with an empty partial."""
+    event = validate(
+        "traces",
+        {"trace_id": "t", "operation_type": "chat", "started_at": START_MS, "duration_ms": value, "status": "success"},
+    )
+    agg = ingest([event], batch=1)[(START_MS, "trace.duration_ms", None, None)]
+    merged = agg.empty_like()
+    merged.merge(Agg.decode(agg.encode()))
+    for one in (agg, Agg.decode(agg.encode()), merged):
+        assert tuple(one.summary()) == (value,) * 7
+
+
 def test_single_event_bucket() -> None:
     event = validate(
         "traces",
