@@ -301,11 +301,11 @@ class Sketch:
         # dropped. The list stays the (small) state.
         values = self._values
         if values and self.kind.family == "req-hra":
-            data = _layout.req_exact_bytes(self.kind.k, values)
-        else:
-            impl = self._impl if values is None else self._new_impl(self.kind, values)
-            data = bytes(impl.serialize())  # type: ignore[attr-defined]
-        _trust(str(self.kind), data)  # the library's bytes (or the same, written): reading them back needs no check
+            # Not trusted: reading these back never asks (listed bytes are read as their items).
+            return _layout.req_exact_bytes(self.kind.k, values)
+        impl = self._impl if values is None else self._new_impl(self.kind, values)
+        data = bytes(impl.serialize())  # type: ignore[attr-defined]
+        _trust(str(self.kind), data)  # the library's bytes: reading them back needs no check
         return data
 
     @classmethod
