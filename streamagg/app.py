@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from faust.stores import memory as faust_memory
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -52,7 +53,7 @@ from .settings import Settings
 from .state import collect_less_often, decode_key
 from .store import Store, StoreError, WriteResult, key_lock_id
 from .telemetry import Progress, Telemetry, serve
-from .topics import deadletter_topic, ensure_topics, source_topics
+from .topics import TopicError, deadletter_topic, ensure_topics, source_topics
 
 log = logging.getLogger(__name__)
 
@@ -750,6 +751,17 @@ class _Worker(faust.Worker):
     streamagg's own log lines kept after mode sets up logging (:func:`keep_own_lines`)."""
 
     stop_limit: _StopLimit
+    lost_broker: KafkaError | None = None
+
+    async def start(self) -> None:
+        """A Kafka error while the worker starts (seen: the broker lost after the topics were made
+        and before Faust's clients connected) is kept for :func:`run_worker` to report in one
+        line, as a broker unreachable from the start is (mode logged it with a 30-line
+        traceback); the worker then stops. Errors after the start go through mode's crash."""
+        try:
+            await super().start()
+        except KafkaError as exc:
+            self.lost_broker = exc
 
     def _schedule_shutdown(self, signal: signal.Signals) -> None:  # mode's handler of both signals
         self.stop_limit.start()
@@ -789,6 +801,9 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
         try:
             worker.execute_from_commandline()
         except SystemExit as exit_:
+            if worker.lost_broker is not None:
+                lost = worker.lost_broker
+                raise TopicError(f"kafka at {settings.kafka_bootstrap} failed while the worker started: {lost}") from None
             if runtime.failed and not exit_.code:
                 raise SystemExit(1) from None
             raise

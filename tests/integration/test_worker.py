@@ -3,11 +3,15 @@ late events re-flush, SIGKILL and two workers end with the oracle's rows."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
+import socket
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -205,3 +209,50 @@ def test_a_bad_message_too_large_to_send_again_is_dead_lettered_cut(scenario: Ca
     assert letters[0].key == b"trace-huge"  # the message's key is kept
     world.stop_all()
     assert worker.returncode == 0
+
+
+def test_a_broker_lost_while_the_worker_starts_is_one_line_and_exit_1(scenario: Callable[..., Scenario], tmp_path: Path) -> None:
+    """CONTRACT section 5: non-zero with a one-line reason. The broker answers while the worker
+    makes its topics and is gone when Faust's clients connect: the reason, as for a broker
+    unreachable from the start, not mode's 30-line traceback."""
+    world = scenario(hours=1, per_hour=10)
+    proxy = _FirstConnectionOnly(world.settings.kafka_bootstrap)
+    log = tmp_path / "worker.log"
+    worker, _ = world.start_worker(extra_env={"STREAMAGG_KAFKA_BOOTSTRAP": proxy.address}, log=log)
+    assert worker.wait(timeout=120) == 1
+    text = log.read_text()
+    assert "creating topics" in text  # the first connection served the worker's topic creation
+    assert "Traceback" not in text, text
+    assert text.splitlines()[-1].startswith(f"Error: kafka at {proxy.address} failed while the worker started: "), text
+
+
+class _FirstConnectionOnly:
+    """A loopback address that forwards its first connection to the broker and closes every later
+    one at once: a broker that goes away after its first client."""
+
+    def __init__(self, broker: str) -> None:
+        host, port = broker.rsplit(":", 1)
+        self._broker = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        first = True
+        while True:
+            client, _ = self._listener.accept()
+            if not first:
+                client.close()
+                continue
+            first = False
+            upstream = socket.create_connection(self._broker)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(source, sink), daemon=True).start()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
