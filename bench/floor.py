@@ -41,13 +41,12 @@ import time
 from collections.abc import Sequence
 
 import asyncpg
+from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 from bench.core import messages
 from bench.throughput import input_parser, plain_consumer, prefilled
-from aiokafka import AIOKafkaProducer
-
 from streamagg.aggregate import AggregateState, Row, roll_up
 from streamagg.buckets import HOUR_MS, bucket_end_ms, to_datetime
 from streamagg.pipeline import Pipeline

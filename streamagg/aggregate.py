@@ -65,7 +65,7 @@ class Row:
 
 class Summary(NamedTuple):
     """What a full aggregate reports: the correctly rounded exact sum, extremes, mean, p50/p95/p99.
-    A named tuple, made for every row written: 0.3 us against 1.6 for a frozen dataclass."""
+    A named tuple, made for every row written: 0.27 us against 0.82 for a frozen dataclass."""
 
     sum: float
     min: float

@@ -751,7 +751,7 @@ class _Worker(faust.Worker):
     streamagg's own log lines kept after mode sets up logging (:func:`keep_own_lines`)."""
 
     stop_limit: _StopLimit
-    lost_broker: KafkaError | None = None
+    start_error: KafkaError | None = None
 
     async def start(self) -> None:
         """A Kafka error while the worker starts (seen: the broker lost after the topics were made
@@ -761,7 +761,7 @@ class _Worker(faust.Worker):
         try:
             await super().start()
         except KafkaError as exc:
-            self.lost_broker = exc
+            self.start_error = exc
 
     def _schedule_shutdown(self, signal: signal.Signals) -> None:  # mode's handler of both signals
         self.stop_limit.start()
@@ -801,9 +801,10 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
         try:
             worker.execute_from_commandline()
         except SystemExit as exit_:
-            if worker.lost_broker is not None:
-                lost = worker.lost_broker
-                raise TopicError(f"kafka at {settings.kafka_bootstrap} failed while the worker started: {lost}") from None
+            if worker.start_error is not None:
+                raise TopicError(
+                    f"kafka at {settings.kafka_bootstrap} failed while the worker started: {worker.start_error}"
+                ) from None
             if runtime.failed and not exit_.code:
                 raise SystemExit(1) from None
             raise
