@@ -17,14 +17,25 @@ the same run:
   (c) the aggregate state the input makes, sent once to a changelog-like topic (8 partitions,
       acks=all) packed into values of up to 900 kB (fewer, larger records than any table's
       one record a key: only its bytes are paid): wall time, client CPU and the broker's CPU.
+  (d) this design's writes of the same input, through streamagg's own store on one
+      connection: every source partition's partials with the final hour rows merged from
+      them, in the worker's chunks of keys (`Store.write_partials_of`), then the day and week
+      rows from the stored hours (`rollup_keys`): wall time, client CPU and the backend's CPU;
+  (e) the final rows alone, upserted by the same store into the emptied table in chunks of the
+      worker's size (`Store.upsert_rows`), as a design that merged partitions before the
+      database (no partials, no read-back) would write them: the same three figures.
 No aggregation, no merging across partitions, no wait for the last hour to close: all cost
-nothing here. Lower bounds on a worker's end-to-end time follow:
+nothing in (a)-(c). Lower bounds on a worker's end-to-end time follow:
   cpu floor       = every CPU second of (a) and (b), spread over all cores
   ordering floor  = (a)'s wall time, then (b)'s after-the-last-event CPU over all cores
   with state      = every CPU second of (a), (b) and (c), the broker's included, over all cores
-and from the largest of the first two, then from the larger of all three, the most events/s
-any worker could reach, next to the target. The broker must run on this machine (the local
-stack), as PostgreSQL must: their processes' CPU is read from /proc.
+  this design     = every CPU second of (a), (c) and (d), over all cores: a worker that writes
+                    as streamagg does, with its aggregation, checkpoints and Faust free
+  final rows only = the same with (e) for (d)
+and from the largest of the first two, then from the larger of the first three, then from each
+of the last two, the most events/s a worker could reach, next to the target. The broker must
+run on this machine (the local stack), as PostgreSQL must: their processes' CPU is read from
+/proc.
 
     .venv/bin/python -m bench.floor [--events 200000] [--hours 4] [--keep]
 
@@ -39,6 +50,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -48,9 +60,13 @@ from rich.console import Console
 from bench.core import messages
 from bench.throughput import input_parser, plain_consumer, prefilled
 from streamagg.aggregate import AggregateState, Row, roll_up
+from streamagg.app import FLUSH_KEYS_PER_TRANSACTION, flush_chunks
 from streamagg.buckets import HOUR_MS, bucket_end_ms, to_datetime
-from streamagg.pipeline import Pipeline
+from streamagg.pipeline import Flushable, Pipeline
+from streamagg.rollup import rollup_keys
 from streamagg.settings import Settings
+from streamagg.state import collect_less_often
+from streamagg.store import Store
 from streamagg.telemetry import Telemetry
 from streamagg.topics import ensure_topics
 
@@ -71,10 +87,15 @@ CREATE TABLE floor_rows (
 CHANGELOG_VALUE_BYTES = 900_000
 
 
-def required_output(settings: Settings, events: int, hours: int, seed: int, start_ms: int) -> tuple[list[Row], list[list[bytes]]]:
-    """Every hour, day and week row of the input (the rows the table must end with), and the
-    checkpoint records of its per-partition state (the worker's, as ``key + value`` bytes),
-    packed per changelog partition into values of at most CHANGELOG_VALUE_BYTES."""
+class Output(NamedTuple):
+    rows: list[Row]  # every hour, day and week row the table must end with
+    changelog: list[list[bytes]]  # the per-partition state's checkpoint records, packed per changelog partition
+    partials: list[Flushable]  # every source partition's state, as the worker flushes it
+
+
+def required_output(settings: Settings, events: int, hours: int, seed: int, start_ms: int) -> Output:
+    """What the input makes: its rows, its state's checkpoint records (the worker's, as ``key +
+    value`` bytes, packed into values of at most CHANGELOG_VALUE_BYTES) and its partials."""
     end_ms = start_ms + hours * HOUR_MS
     pipeline = Pipeline(settings, Telemetry(CollectorRegistry()), lambda topic, partition: [], clock=lambda: end_ms)
     batch = messages(settings, events, hours, seed, start_ms)
@@ -95,7 +116,9 @@ def required_output(settings: Settings, events: int, hours: int, seed: int, star
             pending.append(record)
             size += len(record)
         values.append(b"".join(pending))
-    return [*hour_rows, *roll_up(hour_rows, "day"), *roll_up(hour_rows, "week")], changelog
+    partials = [Flushable(topic, partition, list(state.aggregates.items()), offset=state.offset)
+                for (topic, partition), state in pipeline.states.items()]  # fmt: skip
+    return Output([*hour_rows, *roll_up(hour_rows, "day"), *roll_up(hour_rows, "week")], changelog, partials)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -184,6 +207,36 @@ async def copy_rows(dsn: str, batches: Sequence[list[Row]]) -> list[tuple[float,
         await conn.close()
 
 
+async def design_writes(settings: Settings, partials: list[Flushable], rows: list[Row]) -> list[tuple[float, float, float]]:
+    """(wall, client CPU, server CPU) seconds of the writes of the input into the migrated schema,
+    on one connection: (d) this design's, the partials with their final hour rows, chunked as the
+    worker chunks them, then the day and week rows of every written hour; (e) ``rows`` alone,
+    into the emptied table."""
+    collect_less_often()  # as the worker does
+    store = await Store.open(settings.database_url.get_secret_value(), settings.redacted_dsn(), max_size=1)
+    try:
+        await store.migrate()
+        probe = await asyncpg.connect(settings.database_url.get_secret_value())
+        try:
+            backend = await probe.fetchval("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                           "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")  # fmt: skip
+        finally:
+            await probe.close()
+        with Cpu(backend) as flush:
+            for chunk in flush_chunks(partials, FLUSH_KEYS_PER_TRANSACTION):
+                await store.write_partials_of([(item.partition, item.offset, item.items) for item in chunk])
+        await store.analyze()  # as the worker does once the table has doubled: else roll-ups' reads scan it
+        with Cpu(backend) as rollups:
+            await rollup_keys(store, {key for item in partials for key, _ in item.items})
+        await store.execute("TRUNCATE observability.metrics_aggregates")
+        with Cpu(backend) as finals:
+            for i in range(0, len(rows), FLUSH_KEYS_PER_TRANSACTION):
+                await store.upsert_rows(rows[i : i + FLUSH_KEYS_PER_TRANSACTION])
+        return [(c.wall, c.own, c.other) for c in (flush, rollups, finals)]
+    finally:
+        await store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = input_parser(__doc__, events=200_000).parse_args(argv)
     err = Console(stderr=True)
@@ -198,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(plain_consumer(settings, total))
         read_wall, read_cpu = read.wall, read.own
         err.print("the rows and the state of the input (the core, untimed), then COPY, then the state to a topic ...")
-        rows, changelog = required_output(settings, total, args.hours, args.seed, start_ms)
+        rows, changelog, partials = required_output(settings, total, args.hours, args.seed, start_ms)
         last_hour = max(row.bucket_ms for row in rows if row.granularity == "hour")
         before, after = [], []
         for row in rows:  # the rows holding the last hour can only be written after it
@@ -208,11 +261,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         with Cpu(broker) as state:
             asyncio.run(send_state(settings, changelog))
+        err.print("this design's writes of the same input (partials and hour rows, roll-ups), then the final rows alone ...")
+        (f_wall, f_client, f_server), (r_wall, r_client, r_server), (e_wall, e_client, e_server) = asyncio.run(
+            design_writes(settings, partials, rows)
+        )
     cpu_floor = (read_cpu + b_client + b_server + a_client + a_server) / cores
     ordering_floor = read_wall + (a_client + a_server) / cores
     floor = max(cpu_floor, ordering_floor)
     state_floor = max(floor, (read_cpu + read.other + b_client + b_server + a_client + a_server + state.own + state.other) / cores)
+    design_floor = (read_cpu + read.other + state.own + state.other + f_client + f_server + r_client + r_server) / cores
+    finals_floor = (read_cpu + read.other + state.own + state.other + e_client + e_server) / cores
     baseline = total / read_wall
+    n_partials = sum(len(item.items) for item in partials)
+    n_hours = sum(1 for row in rows if row.granularity == "hour")
     state_bytes = sum(map(len, (value for values in changelog for value in values)))
     print(f"events                        {total:>10,}  ({args.hours} h, {cores} cores)")
     print(f"(a) plain consumer            {read_wall:>10.2f} s wall  {read_cpu:.2f} s CPU + {read.other:.2f} s broker CPU   {baseline:,.0f} events/s")
@@ -220,10 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(b) COPY, after last event    {a_wall:>10.2f} s wall  {a_client:.2f} s client + {a_server:.2f} s server CPU  ({len(after):,} rows)")
     print(f"(c) state to a changelog      {state.wall:>10.2f} s wall  {state.own:.2f} s client + {state.other:.2f} s broker CPU  "
           f"({state_bytes / 1e6:,.1f} MB)")  # fmt: skip
+    print(f"(d) partials + hour rows      {f_wall:>10.2f} s wall  {f_client:.2f} s client + {f_server:.2f} s server CPU  "
+          f"({n_partials:,} partials, {n_hours:,} hour rows)")  # fmt: skip
+    print(f"(d) roll-ups                  {r_wall:>10.2f} s wall  {r_client:.2f} s client + {r_server:.2f} s server CPU  "
+          f"({len(rows) - n_hours:,} day and week rows)")  # fmt: skip
+    print(f"(e) final rows only           {e_wall:>10.2f} s wall  {e_client:.2f} s client + {e_server:.2f} s server CPU  "
+          f"({len(rows):,} hour, day and week rows)")  # fmt: skip
     print(f"cpu floor                     {cpu_floor:>10.2f} s")
     print(f"ordering floor                {ordering_floor:>10.2f} s")
     print(f"floor with state and broker   {state_floor:>10.2f} s")
-    for what, seconds in (("best any worker could do", floor), ("... keeping its state", state_floor)):
+    print(f"floor of this design's writes {design_floor:>10.2f} s")
+    print(f"floor of final rows only      {finals_floor:>10.2f} s")
+    for what, seconds in (("best any worker could do", floor), ("... keeping its state", state_floor),
+                          ("... writing as streamagg does", design_floor), ("... writing final rows only", finals_floor)):  # fmt: skip
         print(f"{what:<30}{total / seconds:>10,.0f} events/s = {total / seconds / baseline:.2f} of the plain consumer "
               f"(target: >= 50,000 and >= 0.50); left for everything else: {2 * read_wall - seconds:.2f} s within 0.50 "
               f"of the consumer, {total / 50_000 - seconds:.2f} s within 50,000 events/s")  # fmt: skip

@@ -76,7 +76,7 @@ PROGRESS_SECONDS = 30.0  # a progress line in the log this often, while there is
 RECOVERY_PROGRESS_SECONDS = 10.0  # the same while the checkpoints are read back
 
 
-def _chunks(items: list[Flushable], max_keys: int) -> list[list[Flushable]]:
+def flush_chunks(items: list[Flushable], max_keys: int) -> list[list[Flushable]]:
     """The flushables split into groups of at most ``max_keys`` keys, with every partition's partial
     of a key in the same group: a key's final row is then derived once per flush, not once per
     partition that closed its hour (each time reading and merging the other partitions' partials).
@@ -488,7 +488,7 @@ class Runtime:
         items = [item for item in self.pipeline.flushable() if item.items]
         # Chunks follow the key lock stripes, so lanes of consecutive chunks seldom wait for
         # each other's locks.
-        chunks = _chunks(items, FLUSH_KEYS_PER_TRANSACTION)
+        chunks = flush_chunks(items, FLUSH_KEYS_PER_TRANSACTION)
         all_written = all(await in_lanes(chunks, FLUSH_LANES, lambda lane: self._flush_chunks(store, lane)))
         self.pipeline.confirm_written()
         if self._inserted_since_analyze > max(ANALYZE_MIN_ROWS, self._inserted_at_analyze):
