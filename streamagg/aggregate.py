@@ -426,7 +426,8 @@ class AggregateState:
         return dirty
 
     def put(self, key: Key, agg: Agg) -> None:
-        """Install an aggregate (e.g. another partition's); merges if the key exists."""
+        """Install an aggregate, the object itself (later merges into the key change it); merges
+        it in if the key exists."""
         existing = self._read(key)
         if existing is None:
             self._install(key, agg)
@@ -450,9 +451,15 @@ class AggregateState:
             self._series[(key[0], key[1], key[2])] += 1
 
     def merge(self, other: AggregateState) -> None:
-        """Fold another state (e.g. another partition's) into this one."""
+        """Fold another state (e.g. another partition's) into this one; ``other`` stays as it was
+        (a key new here gets a copy: installed itself, the next state's merge would change it)."""
         for key, agg in other.items():
-            self.put(key, agg)
+            if key in self._aggs:
+                self.put(key, agg)
+            else:
+                copy = agg.empty_like()
+                copy.merge(agg)
+                self.put(key, copy)
 
     def pop_hours(self, hours: Iterable[int]) -> set[Key]:
         """Remove every aggregate of the given hours (evicting closed state); returns their keys."""

@@ -106,6 +106,19 @@ def test_batching_and_partitioning_do_not_change_rows() -> None:
         assert stats(other) == stats(row), key
 
 
+def test_merging_states_leaves_the_merged_ones_as_they_were() -> None:
+    events = make_events(hours=1, per_hour=600, seed=7)
+    parts = [AggregateState(kinds(), 10_000) for _ in range(2)]
+    for i, event in enumerate(events):
+        parts[i % 2].ingest([event])
+    before = [{row.key: stats(row) for row in part.rows()} for part in parts]
+    merged = AggregateState(kinds(), 10_000)
+    for part in parts:
+        merged.merge(part)
+    assert [{row.key: stats(row) for row in part.rows()} for part in parts] == before
+    assert {row.key: stats(row) for row in merged.rows()} == {row.key: stats(row) for row in ingest(events, len(events)).rows()}
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_batch_ingest_equals_aggregates_built_value_by_value(seed: int) -> None:
     """Grouped batch ingest against each key's values from the oracle, folded in one at a time:
