@@ -1,4 +1,4 @@
-"""How the worker splits a flush into transactions (streamagg.app._chunks), and backs off
+"""How the worker splits a flush into transactions (streamagg.app.flush_chunks), and backs off
 when they fail."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from prometheus_client import CollectorRegistry
 
 from streamagg.aggregate import Agg
-from streamagg.app import Runtime, _chunks
+from streamagg.app import Runtime, flush_chunks
 from streamagg.pipeline import Flushable
 from streamagg.settings import Settings
 from streamagg.store import StoreError, key_lock_id
@@ -24,7 +24,7 @@ def test_every_partitions_partial_of_a_key_lands_in_one_chunk() -> None:
     for partition in range(8):
         chosen = rng.sample(keys, 400)
         items.append(Flushable("t.traces", partition, [(key, Agg(None)) for key in chosen], closed_at_ms=7, offset=100 + partition))
-    chunks = list(_chunks(items, max_keys=150))
+    chunks = list(flush_chunks(items, max_keys=150))
 
     home: dict = {}
     seen = []
@@ -42,7 +42,7 @@ def test_every_partitions_partial_of_a_key_lands_in_one_chunk() -> None:
 
 
 def test_no_items_no_chunks() -> None:
-    assert list(_chunks([], max_keys=10)) == []
+    assert list(flush_chunks([], max_keys=10)) == []
 
 
 def test_chunks_follow_the_lock_stripes() -> None:
@@ -50,7 +50,7 @@ def test_chunks_follow_the_lock_stripes() -> None:
     lane of consecutive chunks) share at most the stripe at their boundary."""
     keys = [(3_600_000, "trace.count", "user_id", f"u{i}") for i in range(2000)]
     items = [Flushable("t.traces", p, [(key, Agg(None)) for key in keys[p::3]], closed_at_ms=7, offset=1) for p in range(3)]
-    stripes = [sorted({key_lock_id(key) for part in chunk for key, _ in part.items}) for chunk in _chunks(items, max_keys=300)]
+    stripes = [sorted({key_lock_id(key) for part in chunk for key, _ in part.items}) for chunk in flush_chunks(items, max_keys=300)]
     assert len(stripes) == 7
     for before, after in zip(stripes, stripes[1:]):
         assert before[-1] <= after[0]
