@@ -23,7 +23,12 @@ the same run:
       rows from the stored hours (`rollup_keys`): wall time, client CPU and the backend's CPU;
   (e) the final rows alone, upserted by the same store into the emptied table in chunks of the
       worker's size (`Store.upsert_rows`), as a design that merged partitions before the
-      database (no partials, no read-back) would write them: the same three figures.
+      database (no partials, no read-back) would write them: the same three figures;
+  (f) the second stage that docs/design.md proposes, in Python as the code stands: every
+      partial of (d) sent (its checkpoint bytes, made beforehand) to a fresh topic keyed by
+      series, read back by a plain consumer, kept per key and source partition, merged into
+      the hour rows, rolled up in memory into the day and week rows, all upserted into the
+      emptied table: wall time, client CPU, the broker's and the backend's CPU.
 No aggregation, no merging across partitions, no wait for the last hour to close: all cost
 nothing in (a)-(c). Lower bounds on a worker's end-to-end time follow:
   cpu floor       = every CPU second of (a) and (b), spread over all cores
@@ -32,8 +37,9 @@ nothing in (a)-(c). Lower bounds on a worker's end-to-end time follow:
   this design     = every CPU second of (a), (c) and (d), over all cores: a worker that writes
                     as streamagg does, with its aggregation, checkpoints and Faust free
   final rows only = the same with (e) for (d)
+  second stage    = the same with (f) for (d)
 and from the largest of the first two, then from the larger of the first three, then from each
-of the last two, the most events/s a worker could reach, next to the target. The broker must
+of the last three, the most events/s a worker could reach, next to the target. The broker must
 run on this machine (the local stack), as PostgreSQL must: their processes' CPU is read from
 /proc.
 
@@ -46,20 +52,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import asyncpg
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 from bench.core import messages
 from bench.throughput import input_parser, plain_consumer, prefilled
-from streamagg.aggregate import AggregateState, Row, roll_up
+from streamagg.aggregate import Agg, AggregateState, Key, Row, roll_up, roll_up_rows
 from streamagg.app import FLUSH_KEYS_PER_TRANSACTION, flush_chunks
 from streamagg.buckets import HOUR_MS, bucket_end_ms, to_datetime
 from streamagg.pipeline import Flushable, Pipeline
@@ -216,12 +224,7 @@ async def design_writes(settings: Settings, partials: list[Flushable], rows: lis
     store = await Store.open(settings.database_url.get_secret_value(), settings.redacted_dsn(), max_size=1)
     try:
         await store.migrate()
-        probe = await asyncpg.connect(settings.database_url.get_secret_value())
-        try:
-            backend = await probe.fetchval("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                                           "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")  # fmt: skip
-        finally:
-            await probe.close()
+        backend = await _store_backend(settings)
         with Cpu(backend) as flush:
             for chunk in flush_chunks(partials, FLUSH_KEYS_PER_TRANSACTION):
                 await store.write_partials_of([(item.partition, item.offset, item.items) for item in chunk])
@@ -235,6 +238,88 @@ async def design_writes(settings: Settings, partials: list[Flushable], rows: lis
         return [(c.wall, c.own, c.other) for c in (flush, rollups, finals)]
     finally:
         await store.close()
+
+
+async def second_stage(
+    settings: Settings, partials: list[Flushable], expected: list[Row], broker: int
+) -> tuple[float, float, float, float]:
+    """(wall, client CPU, broker CPU, server CPU) seconds of the proposed merge stage over
+    ``partials``: sent to a topic keyed by series, read back, merged per key (the partial that
+    includes the most of each source partition kept), hour rows made, day and week rows rolled
+    up in memory, every row upserted into the emptied table on one connection. Its rows must
+    be the ``expected`` ones (keys, counts and sums)."""
+    topic = settings.topic("floor-merge")
+    ensure_topics(settings, [topic])
+    n = settings.partitions
+    records = []  # (partition, key, value), made untimed: stage 1 has these bytes from its checkpoint
+    for item in partials:
+        for key, agg in item.items:
+            series = json.dumps([key[1], key[2], key[3]]).encode()
+            value = json.dumps([item.topic, item.partition, item.offset, key[0]]).encode() + b"\n" + agg.encode()
+            records.append((zlib.crc32(series) % n, series, value))
+    store = await Store.open(settings.database_url.get_secret_value(), settings.redacted_dsn(), max_size=1)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
+                                max_batch_size=1024 * 1024, max_request_size=16 * 1024 * 1024)  # fmt: skip
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                                max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)  # fmt: skip
+    await producer.start()
+    await consumer.start()
+    try:
+        await store.execute("TRUNCATE observability.metrics_aggregates")
+        backend = await _store_backend(settings)
+        assigned = [TopicPartition(topic, p) for p in range(n)]
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        with Cpu(broker) as kafka, Cpu(backend) as db:
+            sent = [await producer.send(topic, value, key=series, partition=p) for p, series, value in records]
+            await asyncio.gather(*sent)
+            latest: dict[Key, dict[tuple[str, int], tuple[int, bytes]]] = {}
+            seen = 0
+            while seen < len(records):
+                for batch in (await consumer.getmany(timeout_ms=1000, max_records=10_000)).values():
+                    seen += len(batch)
+                    for record in batch:
+                        head, data = record.value.split(b"\n", 1)
+                        source_topic, source_partition, offset, hour = json.loads(head)
+                        metric, dimension_type, dimension_value = json.loads(record.key)
+                        sources = latest.setdefault((hour, metric, dimension_type, dimension_value), {})
+                        kept = sources.get((source_topic, source_partition))
+                        if kept is None or offset >= kept[0]:
+                            sources[(source_topic, source_partition)] = (offset, data)
+            hours = []
+            for key, sources in latest.items():
+                pieces = [Agg.decode(data) for _, (_, data) in sorted(sources.items())]
+                merged = pieces[0]
+                for piece in pieces[1:]:
+                    merged.merge(piece)
+                hours.append(merged.to_row(key, "hour"))
+            hours.sort(key=lambda row: (row.bucket_ms, repr(row.key)))
+            rolled = roll_up_rows(hours, {"day": None, "week": None})
+            for rows in (hours, rolled["day"], rolled["week"]):
+                for i in range(0, len(rows), FLUSH_KEYS_PER_TRANSACTION):
+                    await store.upsert_rows(rows[i : i + FLUSH_KEYS_PER_TRANSACTION])
+        made = [*hours, *rolled["day"], *rolled["week"]]
+        if sorted(_evidence(made)) != sorted(_evidence(expected)):
+            raise SystemExit("the second stage's rows differ from the input's")
+        return kafka.wall, kafka.own, kafka.other, db.other
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await store.close()
+
+
+def _evidence(rows: list[Row]) -> list[tuple]:
+    return [(row.granularity, row.bucket_ms, repr(row.key), row.count, row.sum_value, row.fingerprint) for row in rows]
+
+
+async def _store_backend(settings: Settings) -> int:
+    """The pid of the one client backend of the bench's database other than the asking one."""
+    probe = await asyncpg.connect(settings.database_url.get_secret_value())
+    try:
+        return await probe.fetchval("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                    "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")  # fmt: skip
+    finally:
+        await probe.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,12 +350,15 @@ def main(argv: list[str] | None = None) -> int:
         (f_wall, f_client, f_server), (r_wall, r_client, r_server), (e_wall, e_client, e_server) = asyncio.run(
             design_writes(settings, partials, rows)
         )
+        err.print("the proposed second stage over the same partials, in Python ...")
+        s_wall, s_client, s_broker, s_server = asyncio.run(second_stage(settings, partials, rows, broker))
     cpu_floor = (read_cpu + b_client + b_server + a_client + a_server) / cores
     ordering_floor = read_wall + (a_client + a_server) / cores
     floor = max(cpu_floor, ordering_floor)
     state_floor = max(floor, (read_cpu + read.other + b_client + b_server + a_client + a_server + state.own + state.other) / cores)
     design_floor = (read_cpu + read.other + state.own + state.other + f_client + f_server + r_client + r_server) / cores
     finals_floor = (read_cpu + read.other + state.own + state.other + e_client + e_server) / cores
+    stage_floor = (read_cpu + read.other + state.own + state.other + s_client + s_broker + s_server) / cores
     baseline = total / read_wall
     n_partials = sum(len(item.items) for item in partials)
     n_hours = sum(1 for row in rows if row.granularity == "hour")
@@ -287,13 +375,17 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(rows) - n_hours:,} day and week rows)")  # fmt: skip
     print(f"(e) final rows only           {e_wall:>10.2f} s wall  {e_client:.2f} s client + {e_server:.2f} s server CPU  "
           f"({len(rows):,} hour, day and week rows)")  # fmt: skip
+    print(f"(f) second stage, in Python   {s_wall:>10.2f} s wall  {s_client:.2f} s client + {s_broker:.2f} s broker + "
+          f"{s_server:.2f} s server CPU  ({n_partials:,} partials -> {len(rows):,} rows)")  # fmt: skip
     print(f"cpu floor                     {cpu_floor:>10.2f} s")
     print(f"ordering floor                {ordering_floor:>10.2f} s")
     print(f"floor with state and broker   {state_floor:>10.2f} s")
     print(f"floor of this design's writes {design_floor:>10.2f} s")
     print(f"floor of final rows only      {finals_floor:>10.2f} s")
+    print(f"floor with a second stage     {stage_floor:>10.2f} s")
     for what, seconds in (("best any worker could do", floor), ("... keeping its state", state_floor),
-                          ("... writing as streamagg does", design_floor), ("... writing final rows only", finals_floor)):  # fmt: skip
+                          ("... writing as streamagg does", design_floor), ("... writing final rows only", finals_floor),
+                          ("... merging in a second stage", stage_floor)):  # fmt: skip
         print(f"{what:<30}{total / seconds:>10,.0f} events/s = {total / seconds / baseline:.2f} of the plain consumer "
               f"(target: >= 50,000 and >= 0.50); left for everything else: {2 * read_wall - seconds:.2f} s within 0.50 "
               f"of the consumer, {total / 50_000 - seconds:.2f} s within 50,000 events/s")  # fmt: skip
