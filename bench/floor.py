@@ -289,7 +289,7 @@ async def second_stage(
             hours = []
             for key, sources in latest.items():
                 pieces = [Agg.decode(data) for _, (_, data) in sorted(sources.items())]
-                merged = pieces[0]
+                merged = pieces[0]  # decoded here for this merge only: the others fold into it, no copy
                 for piece in pieces[1:]:
                     merged.merge(piece)
                 hours.append(merged.to_row(key, "hour"))

@@ -142,6 +142,14 @@ class Agg:
         """An empty aggregate of the same kind (to merge copies into)."""
         return Agg(self.sketch.kind if self.sketch is not None else None)
 
+    @classmethod
+    def merged(cls, parts: Sequence[Agg]) -> Agg:
+        """A new aggregate of all of ``parts`` (at least one), merged in order; the parts stay as they were."""
+        out = parts[0].empty_like()
+        for part in parts:
+            out.merge(part)
+        return out
+
     def summary(self) -> Summary | None:
         """The reported statistics of a full aggregate; None for a count aggregate."""
         if self.sketch is None:
@@ -454,12 +462,7 @@ class AggregateState:
         """Fold another state (e.g. another partition's) into this one; ``other`` stays as it was
         (a key new here gets a copy: installed itself, the next state's merge would change it)."""
         for key, agg in other.items():
-            if key in self._aggs:
-                self.put(key, agg)
-            else:
-                copy = agg.empty_like()
-                copy.merge(agg)
-                self.put(key, copy)
+            self.put(key, agg if key in self._aggs else Agg.merged([agg]))
 
     def pop_hours(self, hours: Iterable[int]) -> set[Key]:
         """Remove every aggregate of the given hours (evicting closed state); returns their keys."""
@@ -547,11 +550,7 @@ def roll_up_rows(
                 if len(run) == 1:
                     source = hours[run[0]]
                 else:
-                    parts = [agg_of(i) for i in run]
-                    merged = parts[0].empty_like()
-                    for part in parts:
-                        merged.merge(part)
-                    source = merged.to_row(key, granularity)
+                    source = Agg.merged([agg_of(i) for i in run]).to_row(key, granularity)
                 made[run] = source
             rolled.append(_moved(source, key[0], granularity))
     return out

@@ -735,10 +735,7 @@ def _final_row(key: Key, own: dict[int, tuple[Agg, bytes | None]], others: list[
     pieces = sorted([(p, agg) for p, (agg, _) in own.items()] + others, key=lambda piece: piece[0])
     if not pieces:
         return None
-    merged = pieces[0][1].empty_like()
-    for _, agg in pieces:
-        merged.merge(agg)
-    return merged.to_row(key, "hour")
+    return Agg.merged([agg for _, agg in pieces]).to_row(key, "hour")
 
 
 def _slice_condition(
