@@ -51,7 +51,6 @@ The topics and the database are deleted at the end unless --keep.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -66,6 +65,7 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 from bench.core import messages
+from bench.procs import broker_port, cpu_seconds, listener_pid
 from bench.throughput import input_parser, plain_consumer, prefilled
 from streamagg.aggregate import Agg, AggregateState, Key, Row, roll_up, roll_up_rows
 from streamagg.app import FLUSH_KEYS_PER_TRANSACTION, flush_chunks
@@ -127,34 +127,6 @@ def required_output(settings: Settings, events: int, hours: int, seed: int, star
     partials = [Flushable(topic, partition, list(state.aggregates.items()), offset=state.offset)
                 for (topic, partition), state in pipeline.states.items()]  # fmt: skip
     return Output([*hour_rows, *roll_up(hour_rows, "day"), *roll_up(hour_rows, "week")], changelog, partials)
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU of a process on this machine (None when it is not readable here)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def listener_pid(bootstrap: str) -> int | None:
-    """The process on this machine listening on the first bootstrap address's port (the broker),
-    found through /proc; None if there is none here."""
-    port = f":{int(bootstrap.split(',')[0].rsplit(':', 1)[1]):04X}"
-    sockets = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as lines:
-            for line in list(lines)[1:]:
-                fields = line.split()
-                if fields[1].endswith(port) and fields[3] == "0A":  # LISTEN
-                    sockets.add(f"socket:[{fields[9]}]")
-    for pid in filter(str.isdigit, os.listdir("/proc")) if sockets else ():
-        with contextlib.suppress(OSError):
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in sockets for fd in os.listdir(f"/proc/{pid}/fd")):
-                return int(pid)
-    return None
 
 
 class Cpu:
@@ -328,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     total = args.events // args.hours * args.hours
     cores = os.cpu_count() or 1
     with prefilled("floor", args.events, args.hours, args.seed, err, args.keep) as (settings, start_ms, _):
-        broker = listener_pid(settings.kafka_bootstrap)
+        broker = listener_pid(broker_port(settings.kafka_bootstrap))
         if broker is None:
             raise SystemExit(f"no process here listens on {settings.kafka_bootstrap}: run this bench on the broker's machine")
         err.print("plain aiokafka consumer, read + json.loads ...")

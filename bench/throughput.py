@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from rich.console import Console
 
+from bench.procs import CpuSampler, broker_port, listener_pid, postgres_port
 from streamagg.buckets import HOUR_MS, bucket_start_ms
 from streamagg.demo import (
     drop_databases,
@@ -90,10 +91,14 @@ def metrics(port: int, *names: str) -> list[float]:
 def worker_end_to_end(settings: Settings, events: int, expected: dict, err: Console, profile: str | None = None) -> float:
     """Seconds for one `streamagg worker` process from its first read to the last of the
     ``expected`` hour, day and week rows committed (stopped with SIGTERM afterwards); prints
-    when the events were all aggregated and each granularity's rows were all stored."""
+    when the events were all aggregated and each granularity's rows were all stored, and the
+    CPU the worker, PostgreSQL and the broker used meanwhile (:func:`print_cpu`)."""
     runner = [sys.executable, "-m", "pyinstrument", "-o", profile] if profile else [sys.executable]
     worker = subprocess.Popen([*runner, "-m", "streamagg", "--quiet", "worker"],
                               env={**env_without_settings(), **worker_env(settings)}, stdin=subprocess.DEVNULL)  # fmt: skip
+    servers = {"PostgreSQL": listener_pid(postgres_port(settings.database_url.get_secret_value())),
+               "Kafka broker": listener_pid(broker_port(settings.kafka_bootstrap))}  # fmt: skip
+    sampler = CpuSampler({"worker": worker.pid, **{name: pid for name, pid in servers.items() if pid is not None}}).start()
     try:
         first_read = None
         while first_read is None:
@@ -117,10 +122,34 @@ def worker_end_to_end(settings: Settings, events: int, expected: dict, err: Cons
                   *((f"every {g} row stored", complete.get(g)) for g in ("hour", "day", "week"))]  # fmt: skip
         err.print("worker phases, seconds after the first read: "
                   + ", ".join(f"{name} {at - first_read:.1f}" for name, at in phases if at is not None))  # fmt: skip
+        sampler.stop()
+        print_cpu(sampler, first_read, aggregated[0] if aggregated else None, end,
+                  [name for name, pid in servers.items() if pid is None])  # fmt: skip
         return end - first_read
     finally:
+        sampler.stop()
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
+
+
+def print_cpu(sampler: CpuSampler, first_read: float, aggregated: float | None, end: float, elsewhere: list[str]) -> None:
+    """Where the run's time went, process by process: CPU seconds from the first read to the last
+    row, and the share of a core each process used while the worker read and after."""
+    cores = os.cpu_count() or 1
+    spent = sampler.between(first_read, end)
+    total = sum(seconds for seconds in spent.values() if seconds is not None)
+    print(f"CPU, first read -> last row ({end - first_read:.1f} s x {cores} cores = {cores * (end - first_read):.1f} s): "
+          + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spent.items() if seconds is not None)
+          + f"; together {total:.1f} s, {total / (cores * (end - first_read)):.0%} of the machine"
+          + (f" ({' and '.join(elsewhere)} not on this machine: not counted)" if elsewhere else ""))  # fmt: skip
+    if aggregated is None:
+        return
+    for what, start, stop in (("while reading", first_read, aggregated), ("after the last read", aggregated, end)):
+        if stop - start > 0.2:
+            shares = sampler.between(start, stop)
+            print(f"  {what} ({start - first_read:.1f} -> {stop - first_read:.1f} s): "
+                  + ", ".join(f"{name} {seconds / (stop - start):.0%}" for name, seconds in shares.items() if seconds is not None)
+                  + " of a core")  # fmt: skip
 
 
 def _when_aggregated(port: int, events: int, out: list[float]) -> None:
