@@ -6,7 +6,10 @@ Pre-fills fresh topics with N generated events, then measures
       week row committed in PostgreSQL: the clock stops at the poll (every 0.5 s) that found all
       the rows' totals, and the row-by-row comparison with the exact counts of the same events
       that confirms it is not counted.
-Prints both rates and the ratio. Uses the configured Kafka/PostgreSQL, else the local stack.
+Prints both rates and the ratio, and where (b)'s time went: the CPU seconds the worker, PostgreSQL
+and the broker used from the first read to the last row, and each one's share of a core while the
+worker read and after (from /proc: a server not on this machine is not counted). Uses the
+configured Kafka/PostgreSQL, else the local stack.
 
     .venv/bin/python -m bench.throughput [--events 200000] [--hours 4] [--keep]
 
