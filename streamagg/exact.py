@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from fractions import Fraction
 
 import numpy as np
 
@@ -38,10 +39,29 @@ def exact_sum(values: Iterable[float]) -> ExactSum:
                 return _INFINITE
             parts.append(part)
             pending.append(-part)
-    except OverflowError:  # an intermediate beyond float range: the rounded sum is +inf
-        return _INFINITE
     except ValueError:  # inf - inf: an infinite part met another infinite part
         return _INFINITE
+    except OverflowError:
+        # fsum refuses a partial sum beyond float range even when the total is finite, and which
+        # partial sums it meets depends on the order of the values (largest below max + 2**970 +
+        # 2**971 - 2**918 read as inf one way, max the other): summed exactly instead, rarely.
+        return _exact_sum_of_fractions(pending)
+
+
+def _exact_sum_of_fractions(values: list[float]) -> ExactSum:
+    """:func:`exact_sum` by rational arithmetic: +inf only when the correctly rounded sum is."""
+    if any(math.isinf(value) for value in values):
+        return _INFINITE
+    rest = sum(map(Fraction, values), Fraction(0))
+    parts: list[float] = []
+    while rest:
+        try:
+            part = float(rest)  # correctly rounded
+        except OverflowError:
+            return _INFINITE
+        parts.append(part)
+        rest -= Fraction(part)
+    return tuple(parts)
 
 
 def add(total: ExactSum, values: Iterable[float]) -> ExactSum:

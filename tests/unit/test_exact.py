@@ -50,6 +50,25 @@ def test_empty_and_overflow() -> None:
     assert exact.rounded(exact.add(exact.exact_sum([1.7e308, 1.7e308]), [1.0])) == math.inf
 
 
+def test_a_finite_sum_near_the_float_range_is_finite_in_any_order() -> None:
+    """fsum refuses a partial sum past the float range even when the total is finite: the largest
+    float below max, 2**970 and 2**971 - 2**918 sum to max exactly rounded, whichever order."""
+    below_max = math.nextafter(1.7976931348623157e308, 0)
+    values = [below_max, 2.0**970, 2.0**971 - 2.0**918]
+    want = float(exact_fraction(values))
+    assert want == 1.7976931348623157e308
+    rng = random.Random(7)
+    for _ in range(12):
+        rng.shuffle(values)
+        total = exact.exact_sum(values)
+        assert exact.rounded(total) == want
+        assert sum((Fraction(p) for p in total), Fraction(0)) == exact_fraction(values)
+        assert exact.rounded(exact.add(exact.exact_sum(values[:1]), values[1:])) == want
+    # and past the midpoint above max the correctly rounded sum is +inf, in any order too
+    assert exact.rounded(exact.exact_sum([1.7976931348623157e308, 2.0**970])) == math.inf
+    assert exact.rounded(exact.exact_sum([2.0**970, 1.7976931348623157e308, 1.0, -1.0])) == math.inf
+
+
 def test_fingerprints_are_order_independent_and_sensitive() -> None:
     rng = np.random.default_rng(1)
     values = rng.lognormal(5, 1, 1000)
