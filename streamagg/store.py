@@ -17,7 +17,7 @@ import math
 import struct
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -223,15 +223,17 @@ WHERE t.granularity = 'hour' AND t.metric_name = k.m AND coalesce(t.dimension_ty
   AND coalesce(t.dimension_value, '') = coalesce(k.dv, '') AND t.bucket_time = k.b
 """
 
-# A day or week row ``t`` of granularity $1 (bucket width $2) is deleted only while no hour row
-# of its series lies inside its bucket, checked in the statement itself, so a concurrent flush
-# of a new hour is never undone.
+# A day or week row ``t`` of granularity $1 (bucket width $2, in milliseconds) is deleted only
+# while no hour row of its series lies inside its bucket, checked in the statement itself, so a
+# concurrent flush of a new hour is never undone. The width is milliseconds, not an interval of
+# days: PostgreSQL adds days in the session's time zone, where a day of a clock change is 23 or
+# 25 hours (on a Europe/Berlin server 2025-03-30's row went while its 23:00 UTC hour stood).
 _WITHOUT_HOURS = f"""t.granularity = $1 AND NOT EXISTS (
       SELECT 1 FROM {TABLE} h
       WHERE h.granularity = 'hour' AND h.metric_name = t.metric_name
         AND coalesce(h.dimension_type, '') = coalesce(t.dimension_type, '')
         AND coalesce(h.dimension_value, '') = coalesce(t.dimension_value, '')
-        AND h.bucket_time >= t.bucket_time AND h.bucket_time < t.bucket_time + $2::interval)"""
+        AND h.bucket_time >= t.bucket_time AND h.bucket_time < t.bucket_time + $2::bigint * interval '1 millisecond')"""
 
 _DELETE_ROLLUPS_WITHOUT_HOURS = f"""
 DELETE FROM {TABLE} t USING unnest($3::timestamptz[], $4::text[], $5::text[], $6::text[]) AS k(b, m, dt, dv)
@@ -563,7 +565,7 @@ class Store:
             return 0
         status = await self._execute(
             f"deleting {granularity} rows", _DELETE_ROLLUPS_WITHOUT_HOURS, granularity,
-            timedelta(milliseconds=width_ms(granularity)), *_key_columns(keys), conn=conn,
+            width_ms(granularity), *_key_columns(keys), conn=conn,
         )  # fmt: skip
         return int(status.split()[-1])
 
@@ -574,7 +576,7 @@ class Store:
             raise ValueError("hour rows are deleted with their partials (write_partials_of)")
         status = await self._execute(
             f"deleting {granularity} rows", _DELETE_ROLLUPS_WITHOUT_HOURS_BETWEEN, granularity,
-            timedelta(milliseconds=width_ms(granularity)), to_datetime(start_ms), to_datetime(end_ms),
+            width_ms(granularity), to_datetime(start_ms), to_datetime(end_ms),
         )  # fmt: skip
         return int(status.split()[-1])
 

@@ -10,12 +10,13 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 
 from streamagg.aggregate import AggregateState, roll_up
-from streamagg.buckets import HOUR_MS, bucket_start_ms, rfc3339
+from streamagg.buckets import HOUR_MS, bucket_start_ms, rfc3339, to_datetime, to_ms
 from streamagg.rollup import rollup
 from streamagg.settings import Settings
 from streamagg.store import Store, WriteResult
@@ -202,6 +203,54 @@ def test_rollup_from_stored_hours(database: str, granularity: str, by: Callable[
     asyncio.run(delete_hours())
     assert by(database, granularity, start, start + 30 * HOUR_MS) == (0, 0, len(expected) - len(stale), len(stale))
     assert asyncio.run(stored()) == {key: row for key, row in expected.items() if key not in stale}
+
+
+def test_days_and_weeks_are_utc_whatever_the_server_time_zone(database: str) -> None:
+    """A day is 24 hours of UTC and a week 168 on a server whose time zone changes clocks too.
+    With the database's zone Europe/Berlin, SQL's day arithmetic made 2025-03-30 (clocks forward)
+    23 hours long: `rollup` found no hour of a series whose only hour was 23:00 UTC in its day and
+    deleted the day and week rows it had just written. 2025-10-26 (clocks back) was 25 hours: a
+    day whose hour was deleted kept its stale row, as the next day's 00:00 hour fell inside."""
+    at = {"spring": to_ms(datetime(2025, 3, 30, 23, 10, tzinfo=UTC)),
+          "autumn": to_ms(datetime(2025, 10, 26, 10, 10, tzinfo=UTC)),
+          "next day": to_ms(datetime(2025, 10, 27, 0, 10, tzinfo=UTC))}  # fmt: skip
+    state = AggregateState(kinds(), 10_000)
+    state.ingest([validate("traces", {"trace_id": name, "operation_type": name, "started_at": time_ms, "duration_ms": 7,
+                                      "status": "success"}) for name, time_ms in at.items()])  # fmt: skip
+    hours = state.rows()
+
+    async def run() -> None:
+        conn = await asyncpg.connect(database)
+        try:
+            await conn.execute(f"ALTER DATABASE \"{database.rsplit('/', 1)[1]}\" SET timezone TO 'Europe/Berlin'")
+        finally:
+            await conn.close()
+        conn = await asyncpg.connect(database)  # sessions from now on, the store's included
+        try:
+            assert await conn.fetchval("SHOW timezone") == "Europe/Berlin"
+        finally:
+            await conn.close()
+        async with await open_store(database) as store:
+
+            async def stored(granularity: str) -> dict:
+                rows = await store.fetch_rows(granularity, at["spring"] - 8 * 24 * HOUR_MS, at["next day"] + 8 * 24 * HOUR_MS)  # type: ignore[arg-type]
+                return {row.key: stats(row) for row in rows}
+
+            await store.upsert_rows(hours)
+            for granularity in ("day", "week"):
+                for time_ms in at.values():
+                    await rollup(store, granularity, time_ms, time_ms + HOUR_MS)
+                assert await stored(granularity) == {row.key: stats(row) for row in roll_up(hours, granularity)}  # type: ignore[arg-type]
+            # Every hour before the next day goes; the autumn day's rows go with them, the global
+            # slice's too, though that series has an hour at 00:10 the next day.
+            autumn_day, next_day = bucket_start_ms(at["autumn"], "day"), bucket_start_ms(at["next day"], "day")
+            await store.execute("DELETE FROM observability.metrics_aggregates WHERE granularity = 'hour' AND bucket_time < $1",
+                                to_datetime(next_day))  # fmt: skip
+            await rollup(store, "day", at["autumn"], at["autumn"] + HOUR_MS)
+            assert not [key for key in await stored("day") if key[0] == autumn_day]
+            assert (next_day, "trace.duration_ms", None, None) in await stored("day")
+
+    asyncio.run(run())
 
 
 def test_a_rollup_reads_its_hours_only_once_it_holds_their_series(database: str) -> None:
