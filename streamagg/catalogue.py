@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Final, Literal
 
 from .events import EventKind
@@ -60,7 +61,13 @@ def _llm_with_tokens(fields: Fields) -> bool:
 
 
 def _llm_tokens(fields: Fields) -> float:
-    return fields.get("prompt_tokens", 0) + fields.get("completion_tokens", 0)
+    prompt, completion = fields.get("prompt_tokens", 0), fields.get("completion_tokens", 0)
+    total = prompt + completion
+    # An integer beyond 2**53 plus a float is rounded twice (the integer to a float first): the
+    # exact sum, rounded once, instead. Integers alone add exactly; so do floats, rounded once.
+    if type(total) is float and max(abs(prompt), abs(completion)) > 2**53 and int in (type(prompt), type(completion)):
+        return float(Fraction(prompt) + Fraction(completion))
+    return total
 
 
 METRICS: Final[tuple[Metric, ...]] = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from fractions import Fraction
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,19 @@ import numpy as np
 from streamagg.buckets import bucket_start_ms
 from streamagg.catalogue import METRICS_BY_KIND
 from streamagg.events import Event
+
+
+def correctly_rounded_sum(values: Iterable[float]) -> float:
+    """The exact sum of the values rounded once; +inf when that is beyond the float range. (fsum
+    alone refuses a partial sum beyond the range even when the total is not.)"""
+    values = list(values)
+    try:
+        return math.fsum(values)
+    except OverflowError:
+        try:
+            return float(sum(map(Fraction, values), Fraction(0)))
+        except OverflowError:
+            return math.inf
 
 
 def percentile_cont(values: Iterable[float], rank: float) -> float:
@@ -35,7 +49,7 @@ class Exact:
 
     @property
     def sum(self) -> float:
-        return math.fsum(self.values)
+        return correctly_rounded_sum(self.values)
 
 
 Key = tuple[int, str, str | None, str | None]
@@ -79,13 +93,15 @@ def exact_rollup(hours: dict[Key, Exact], granularity: str) -> dict[Key, tuple[E
     out = {}
     for key, parts in grouped.items():
         merged = Exact([v for p in parts for v in p.values], sum(p.count for p in parts))
-        out[key] = (merged, math.fsum(p.sum for p in parts))
+        out[key] = (merged, correctly_rounded_sum(p.sum for p in parts))
     return out
 
 
 def quantiles(values: list[float], dtype: type = np.float64) -> list[float]:
-    """p50/p95/p99 by PERCENTILE_CONT over the values as the sketch stores them (dtype), within
-    the values' own [min, max] (a float32 item can lie just outside it)."""
-    stored = [float(dtype(v)) for v in values]
+    """p50/p95/p99 by PERCENTILE_CONT over the values as the sketch stores them (dtype: a float32
+    sketch stores a value beyond float32's range as its largest value, not as inf), within the
+    values' own [min, max] (a float32 item can lie just outside it)."""
+    ceiling = float(np.finfo(dtype).max)
+    stored = [float(dtype(min(v, ceiling))) for v in values]
     low, high = min(values), max(values)
     return [min(max(percentile_cont(stored, rank), low), high) for rank in (0.5, 0.95, 0.99)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def assert_row_matches(row: Row, exact: Exact, expected_sum: float | None = None
     if not metric.is_full:
         assert (row.sum_value, row.min_value, row.p50_value, row.sketch, row.sketch_kind) == (None,) * 5
         return
-    total = math.fsum(exact.values) if expected_sum is None else expected_sum
+    total = exact.sum if expected_sum is None else expected_sum
     assert row.sum_value == total, row.key
     assert row.min_value == min(exact.values) and row.max_value == max(exact.values), row.key
     assert row.avg_value == total / exact.count, row.key
@@ -226,6 +227,37 @@ def test_llm_tokens_sum_prompt_and_completion() -> None:
     assert (row.count, row.sum_value, row.min_value, row.max_value) == (2, 22.0, 7.0, 15.0)
     calls = {r.key: r for r in ingest(events, batch=4).rows()}[(START_MS, "llm.call_count", None, None)]
     assert calls.count == 3
+
+
+def test_llm_tokens_of_a_huge_integer_and_a_fraction_are_rounded_once() -> None:
+    """2**53 + 1 tokens and 0.5 more: 9007199254740993.5 rounds to ...994; converting the integer
+    to a float first (...992) and then adding gave ...992."""
+    base = {"span_id": "s", "trace_id": "t", "span_type": "llm", "started_at": START_MS, "duration_ms": 1, "model": "m"}
+    event = validate("spans", {**base, "prompt_tokens": 2**53 + 1, "completion_tokens": 0.5})
+    row = {r.key: r for r in ingest([event], batch=1).rows()}[(START_MS, "llm.tokens", None, None)]
+    assert row.sum_value == 9007199254740994.0 == float(Fraction(2**53 + 1) + Fraction(1, 2))
+
+
+@pytest.mark.parametrize("kind", ["req-hra-k128", "kll-k200"])
+def test_values_at_the_edges_of_the_float_ranges_match_the_oracle(kind: str) -> None:
+    """A finite sum whose partial sums pass float64's range (in one order of its values), a sum
+    beyond it (infinity), and values beyond float32's range, which a REQ sketch stores as float32's
+    largest value: rows and oracle agree, in either order of the events."""
+    below_max = math.nextafter(1.7976931348623157e308, 0)
+    hours = [[below_max, 2.0**970, 2.0**971 - 2.0**918], [1e308, 1e308], [1e39, 2e39, 3e39]]
+    events = [
+        validate("traces", {"trace_id": f"{h}-{i}", "operation_type": "chat", "started_at": START_MS + h * HOUR_MS,
+                            "duration_ms": value, "status": "success"})
+        for h, values in enumerate(hours) for i, value in enumerate(values)
+    ]  # fmt: skip
+    oracle = exact_hours(events)
+    for ordered in (events, list(reversed(events))):
+        rows = {row.key: row for row in ingest(ordered, batch=1, kind=kind).rows()}
+        assert set(rows) == set(oracle)
+        for key, exact in oracle.items():
+            assert_row_matches(rows[key], exact)
+    sums = [oracle[(START_MS + h * HOUR_MS, "trace.duration_ms", None, None)].sum for h in range(3)]
+    assert sums == [1.7976931348623157e308, math.inf, 6e39]
 
 
 @pytest.mark.parametrize("batch", [1, 7, 10_000])
