@@ -114,9 +114,9 @@ def required_output(settings: Settings, events: int, hours: int, seed: int, star
         merged.merge(state.aggregates)
     hour_rows = merged.rows()
     changelog: list[list[bytes]] = [[] for _ in range(settings.partitions)]
-    for (_, partition), records in pipeline.checkpoint_records().items():
+    for (_, partition), checkpoint in pipeline.checkpoint_records().items():
         values, pending, size = changelog[partition], [], 0
-        for key, value in records:
+        for key, value in checkpoint.in_order():
             record = key + (value or b"")
             if size + len(record) > CHANGELOG_VALUE_BYTES and pending:
                 values.append(b"".join(pending))

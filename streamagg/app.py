@@ -311,10 +311,6 @@ class Runtime:
         sources = set(source_topics(self.settings))
         consumer = self._consumer = self.app.consumer
         ready = {tp for tp in consumer.assignment() if tp.topic in sources}
-        # A partition without checkpoints must be read from the log's first offset: tell its
-        # state, so that a consumer starting it further on is sent back (PartitionState.admit).
-        fresh = sorted(tp for tp in ready if (tp.topic, tp.partition) not in self._recovered)
-        starts = await consumer.earliest_offsets(*fresh) if fresh else {}
         # Rebuild every owned partition now, not on its next event: a partition whose events
         # were all consumed and committed by a worker that died before flushing them gets no
         # next event, and its hours would never be written.
@@ -322,10 +318,16 @@ class Runtime:
         for tp in sorted(ready):
             new = not self.pipeline.owns(tp.topic, tp.partition)
             state = self.pipeline.state_for(tp.topic, tp.partition)
-            if tp in starts:
-                state.expect(starts[tp])
             if new and state.offset >= 0:
                 restored.append(state.open_keys)
+        # A partition without a meta record (no checkpoint, or a first one cut short before its
+        # meta record) must be read from the log's first offset: tell its state, so that a
+        # consumer starting it further on is sent back (PartitionState.admit). Its batches wait
+        # for ``_ready``, set below.
+        unstarted = sorted(tp for tp in ready if self.pipeline.state_for(tp.topic, tp.partition).offset < 0)
+        starts = await consumer.earliest_offsets(*unstarted) if unstarted else {}
+        for tp, start in starts.items():
+            self.pipeline.state_for(tp.topic, tp.partition).expect(start)
         if restored:  # one line, however many partitions (each on its own at DEBUG)
             log.info("%d of %d partitions restored from their checkpoints: %s keys", len(restored), len(ready),
                      f"{sum(restored):,}")  # fmt: skip
@@ -432,24 +434,25 @@ class Runtime:
             await self.checkpoint()
 
     async def _checkpoint(self, commit: bool) -> None:
-        records = self.pipeline.checkpoint_records()
+        checkpoints = self.pipeline.checkpoint_records()
         offsets = self.pipeline.offsets()  # same instant as the records: no await in between
         deliveries, self._pending_deliveries = self._pending_deliveries, []
-        # Straight to aiokafka's batch API, not through Table.send_changelog's buffer (a task
-        # switch per record, and a flush() that gives up after 0.1 s without progress) nor
-        # Faust's send (sensors and a future per record). Batches of one partition are queued
-        # in order; every batch's acknowledgement (acks=all) is awaited before offsets are committed.
-        producer = self.app.producer._ensure_producer()
-        changelog = self.table.changelog_topic.get_topic_name()
-        for (_, partition), items in records.items():
-            batch = producer.create_batch()
-            for key, value in items:
-                if batch.append(key=key, value=value, timestamp=None) is None:  # full
-                    deliveries.append(await producer.send_batch(batch, changelog, partition=partition))
-                    batch = producer.create_batch()
-                    batch.append(key=key, value=value, timestamp=None)  # a first record always fits
-            deliveries.append(await producer.send_batch(batch, changelog, partition=partition))
-        await asyncio.gather(*deliveries)
+        # Three steps, each acknowledged (acks=all) before the next goes: the changed keys' values
+        # (and the dead letters so far), then the meta records, then the tombstones; then the
+        # offsets are committed. A meta record that landed then says its values did, whatever
+        # became of a batch that failed while a later one of its partition went through, and a
+        # tombstone never lands before the meta record that let its hour go (Checkpoint).
+        try:
+            for step in ("values", "meta", "tombstones"):
+                for (_, partition), checkpoint in checkpoints.items():
+                    records = [checkpoint.meta] if step == "meta" else getattr(checkpoint, step)
+                    deliveries.extend(await self._send_changelog(partition, records))
+                await asyncio.gather(*deliveries)
+                deliveries = []
+        except BaseException:
+            self.pipeline.checkpoint_failed()  # its keys go out with the next checkpoint
+            raise
+        self.pipeline.checkpoint_sent()
         self._last_checkpoint = time.monotonic()
         if not commit:
             return
@@ -458,6 +461,26 @@ class Runtime:
         to_commit = {tp: offset for tp, offset in to_commit.items() if tp in assigned}
         if to_commit:
             await self.app.consumer._commit(to_commit)
+
+    async def _send_changelog(self, partition: int, records: Sequence[tuple[bytes, bytes | None]]) -> list[asyncio.Future]:
+        """Queue records for one changelog partition, in order; their deliveries.
+
+        Straight to aiokafka's batch API, not through Table.send_changelog's buffer (a task
+        switch per record, and a flush() that gives up after 0.1 s without progress) nor Faust's
+        send (sensors and a future per record)."""
+        if not records:
+            return []
+        producer = self.app.producer._ensure_producer()
+        changelog = self.table.changelog_topic.get_topic_name()
+        deliveries = []
+        batch = producer.create_batch()
+        for key, value in records:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full
+                deliveries.append(await producer.send_batch(batch, changelog, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)  # a first record always fits
+        deliveries.append(await producer.send_batch(batch, changelog, partition=partition))
+        return deliveries
 
     # -- flushing ----------------------------------------------------------------------------
     async def store(self) -> Store:

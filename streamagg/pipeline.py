@@ -18,7 +18,7 @@ from .aggregate import Agg, Key
 from .buckets import HOUR_MS
 from .events import EventKind, Reason, Rejected, decode
 from .settings import Settings
-from .state import Clock, PartitionState
+from .state import Checkpoint, Clock, PartitionState
 from .telemetry import PartitionHealth, Telemetry
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,9 @@ class Pipeline:
             admission = state.admit([m.offset for m in offered])
             if admission.seek is not None:
                 out.seeks[(topic, partition)] = admission.seek
-            group = [offered[i] for i in admission.taken]
+            # Up to the restored meta record's offset a replay was handled before: its events are
+            # in the checkpoint and its dead letters went out before that meta record did.
+            group = [offered[i] for i in admission.taken if offered[i].offset > state.offset]
             if not group:
                 continue
             kind = self._topic_kinds[topic]
@@ -173,9 +175,17 @@ class Pipeline:
             self.states.pop(tp, None)
 
     # -- checkpointing -----------------------------------------------------------------------
-    def checkpoint_records(self) -> dict[TopicPartition, list[tuple[bytes, bytes | None]]]:
+    def checkpoint_records(self) -> dict[TopicPartition, Checkpoint]:
         """Every partition's changed keys and meta record, for the changelog partition of its own."""
         return {tp: state.checkpoint_records() for tp, state in self.states.items()}
+
+    def checkpoint_sent(self) -> None:
+        for state in self.states.values():
+            state.checkpoint_sent()
+
+    def checkpoint_failed(self) -> None:
+        for state in self.states.values():
+            state.checkpoint_failed()
 
     def offsets(self) -> dict[TopicPartition, int]:
         return {tp: state.offset for tp, state in self.states.items()}
@@ -194,9 +204,13 @@ class Pipeline:
         out = []
         for (topic, partition), state in self.states.items():
             items = state.take_flushable(self._grace_ms, self._idle_ms)
-            if items:
-                closed = max(key[0] for key, _ in items) + HOUR_MS + self._grace_ms
-                out.append(Flushable(topic, partition, items, closed, state.offset))
+            if not items:
+                continue
+            closed = max(key[0] for key, _ in items) + HOUR_MS + self._grace_ms
+            by_label: defaultdict[int, list[tuple[Key, Agg]]] = defaultdict(list)
+            for item in items:  # one label but while restored keys are replayed
+                by_label[state.flush_label(item[0])].append(item)
+            out.extend(Flushable(topic, partition, group, closed, label) for label, group in by_label.items())
         return out
 
     def settled(self) -> bool:

@@ -157,6 +157,21 @@ def _held_bytes(agg: Agg | bytes) -> int:
 
 
 @dataclass
+class Checkpoint:
+    """One partition's checkpoint records, in the order they must land: a meta record that
+    landed says every value before it did (a restore trusts its offset), and a tombstone lands
+    only after the meta record whose watermark let its hour go (restored from an older meta, a
+    replay could rebuild an evicted key from scratch and write it over its complete partial)."""
+
+    values: list[tuple[bytes, bytes | None]]
+    meta: tuple[bytes, bytes]
+    tombstones: list[tuple[bytes, bytes | None]]
+
+    def in_order(self) -> list[tuple[bytes, bytes | None]]:
+        return [*self.values, self.meta, *self.tombstones]
+
+
+@dataclass
 class Admission:
     taken: list[int]  # positions (into the offered offsets) to process, in order
     seek: int | None = None  # send the consumer back to this offset
@@ -193,6 +208,7 @@ class PartitionState:
         self.position: int | None = None  # the next offset expected from the consumer
         self._hole: tuple[int, int, int] | None = None  # (first missing offset, re-reads, when)
         self._checkpoint_dirty: set[Key] = set()
+        self._checkpoint_sending: set[Key] = set()  # taken by a checkpoint not acknowledged yet
         self._encoded_keys: dict[Key, bytes] = {}  # checkpoint keys of held aggregates (a key is checkpointed often)
         self._flush_dirty: defaultdict[int, set[Key]] = defaultdict(set)  # by hour: flush goes by hour
         # hour -> partition offset up to which every change of the hour is in the database
@@ -281,6 +297,15 @@ class PartitionState:
     def advance(self, offset: int) -> None:
         """Every message up to ``offset`` is handled (aggregated, skipped or dead-lettered)."""
         self.offset = max(self.offset, offset)
+        if 0 <= self._replay_until <= self.offset:  # past every key's checkpoint: the fast path again
+            self._key_offsets.clear()
+            self._replay_until = -1
+
+    def flush_label(self, key: Key) -> int:
+        """The partition offset a partial of ``key`` taken now includes: the state's offset, or
+        more for a restored key whose checkpoint came from further on than the replay has read
+        (labelled with the state's offset, its partial lost to an older, smaller one's)."""
+        return max(self.offset, self._key_offsets.get(key, -1))
 
     # -- ingest ------------------------------------------------------------------------------
     def ingest(self, batch: Sequence[tuple[int, Event]], max_lateness_ms: int) -> IngestResult:
@@ -294,8 +319,12 @@ class PartitionState:
         fresh: list[Event] = []
         watermark = self.watermark_ms
         for position, (offset, event) in enumerate(batch):
-            if offset <= self.offset and offset > self._replay_until:
-                continue  # already ingested (a redelivery)
+            if offset <= self.offset:
+                # Handled: a redelivery, or a replay's event up to the restored meta record,
+                # whose checkpoint every key's value and every dead letter went out with. Judged
+                # against the restored watermark instead of the one it met, an event on time
+                # and counted could be dead-lettered as too late.
+                continue
             if watermark is not None and event.time_ms < watermark - max_lateness_ms:
                 result.too_late.append(position)
                 continue
@@ -308,12 +337,8 @@ class PartitionState:
         if fresh:
             self.aggregates.ingest(fresh)
         if batch:
-            last = batch[-1][0]
-            self.offset = max(self.offset, last)
+            self.advance(batch[-1][0])
             self.last_event_at = self._clock()
-            if 0 <= self._replay_until <= last:  # past every key's checkpoint: the fast path again
-                self._key_offsets.clear()
-                self._replay_until = -1
         self.watermark_ms = watermark
         dirty = self.aggregates.take_dirty()
         self._checkpoint_dirty |= dirty
@@ -326,24 +351,39 @@ class PartitionState:
             by_hour[key[0]].add(key)
 
     # -- checkpoint --------------------------------------------------------------------------
-    def checkpoint_records(self) -> list[tuple[bytes, bytes | None]]:
-        """Records for the keys changed since the last call, then the meta record (last, so a
-        crash mid-way leaves the previous meta). Evicted keys get tombstones (None)."""
-        records: list[tuple[bytes, bytes | None]] = []
+    def checkpoint_records(self) -> Checkpoint:
+        """Records for the keys changed since the last call (evicted keys: tombstones) and the
+        meta record, to be sent in :meth:`Checkpoint.in_order`; then :meth:`checkpoint_sent`,
+        or :meth:`checkpoint_failed` to take the keys up again."""
+        values: list[tuple[bytes, bytes | None]] = []
+        tombstones: list[tuple[bytes, bytes | None]] = []
         encoded = self._encoded_keys
         for key in self._checkpoint_dirty:
             data = encoded.get(key)
             if data is None:
                 data = encoded[key] = encode_key(self.topic, self.partition, key)
             if key in self.aggregates:
-                records.append((data, encode_value(self.offset, self.aggregates[key])))
+                values.append((data, encode_value(self.offset, self.aggregates[key])))
             else:
-                records.append((data, None))
+                tombstones.append((data, None))
                 del encoded[key]
-        records.sort(key=itemgetter(0))
-        self._checkpoint_dirty.clear()
-        records.append((meta_key(self.topic, self.partition), encode_meta(self.offset, self.watermark_ms, self._written)))
-        return records
+        values.sort(key=itemgetter(0))
+        tombstones.sort(key=itemgetter(0))
+        self._checkpoint_sending |= self._checkpoint_dirty
+        self._checkpoint_dirty = set()
+        meta = (meta_key(self.topic, self.partition), encode_meta(self.offset, self.watermark_ms, self._written))
+        return Checkpoint(values, meta, tombstones)
+
+    def checkpoint_sent(self) -> None:
+        """Every record of the last :meth:`checkpoint_records` is acknowledged."""
+        self._checkpoint_sending.clear()
+
+    def checkpoint_failed(self) -> None:
+        """The last checkpoint's records may not all have landed: its keys go out again with the
+        next (sent by none, a stop's checkpoint would have written a meta record at an offset
+        that their changes, never replayed, are not in)."""
+        self._checkpoint_dirty |= self._checkpoint_sending
+        self._checkpoint_sending.clear()
 
     # -- closing and flushing ----------------------------------------------------------------
     def closed_hours_before(self, grace_ms: int, idle_ms: int) -> int:
@@ -414,7 +454,14 @@ class PartitionState:
             return 0
         limit = self.watermark_ms - max_lateness_ms - grace_ms
         hours = [hour for hour in self.aggregates.hours() if hour + HOUR_MS <= limit]
+        if not hours:
+            return 0
+        # An hour waits while a key of it is to be written, or its last change is not in an
+        # acknowledged checkpoint: its tombstone must follow its last value, or a restore that
+        # finds the value but not the tombstone would write an older one over the database's.
         pending_hours = {hour for hour, keys in self._flush_dirty.items() if keys}
+        pending_hours.update(key[0] for key in self._checkpoint_dirty)
+        pending_hours.update(key[0] for key in self._checkpoint_sending)
         gone = self.aggregates.pop_hours(hour for hour in hours if hour not in pending_hours)
         self._checkpoint_dirty |= set(gone)
         for hour in {key[0] for key in gone}:
