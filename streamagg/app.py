@@ -93,6 +93,10 @@ def flush_chunks(items: list[Flushable], max_keys: int) -> list[list[Flushable]]
     return groups
 
 
+def _delivered(delivery: asyncio.Future | None) -> bool:
+    return delivery is not None and delivery.done() and not delivery.cancelled() and delivery.exception() is None
+
+
 def rollup_due(pending: int, backlog: bool, since_last: float, interval: float) -> bool:
     """Whether the days and weeks of ``pending`` flushed hour keys are rolled up now.
 
@@ -273,8 +277,12 @@ class Runtime:
         self._failures = 0  # flush attempts in a row that failed
         self._attempt_failed = False  # the current flush attempt failed (the backoff grew)
         self._retry_at = 0.0  # monotonic time before which flushes wait (exponential backoff)
-        self._pending_deliveries: list[asyncio.Future] = []
+        # Dead letters since the last checkpoint, each with its delivery (None: not queued yet,
+        # or to be sent again). The next checkpoint sends what is not queued and awaits them all
+        # before its meta record; a checkpoint that fails keeps those not known delivered.
+        self._dead_letters: list[tuple[DeadLetter, asyncio.Future | None]] = []
         self._checkpoint_lock = asyncio.Lock()
+        self._handling = asyncio.Lock()  # a batch from its processing to its dead letters queued
         self._ready: set[TP] = set()  # source partitions recovered in this generation
         # Day and week roll-ups of flushed keys are batched: a key's hour is flushed once per
         # partition that saw it, its day and week once per roll-up (see rollup_due).
@@ -404,22 +412,29 @@ class Runtime:
             for r in records
         ]
         untaken = {tp: records for tp, records in batch.items() if tp not in ready}
-        processed = self.pipeline.process(messages)
-        for letter in processed.dead:
-            await self._dead_letter(letter)
+        # The batch's offsets and its dead letters go in one checkpoint: one taken while a dead
+        # letter waited to be queued (a full producer buffer) committed past it unsent.
+        async with self._handling:
+            processed = self.pipeline.process(messages)
+            first = len(self._dead_letters)
+            self._dead_letters.extend((letter, None) for letter in processed.dead)
+            await self._queue_dead_letters(self._dead_letters, first)
         for (topic, partition), offset in processed.seeks.items():
             self.telemetry.errors.labels("skipped_offset").inc()
             await self.app.consumer.seek(TP(topic, partition), offset)
         await self.checkpoint_if_due()
         return untaken
 
-    async def _dead_letter(self, letter: DeadLetter) -> None:
-        # Buffered send; the next checkpoint awaits its delivery before the source offset is
-        # committed, so a dead letter is never lost.
-        delivery = await self.app.producer.send(
-            self.deadletter.get_topic_name(), letter.message.key, letter.value(), None, None, letter.headers()
-        )
-        self._pending_deliveries.append(delivery)
+    async def _queue_dead_letters(self, letters: list[tuple[DeadLetter, asyncio.Future | None]], first: int = 0) -> None:
+        """Queue (buffered sends) the dead letters of ``letters[first:]`` not queued yet, in place.
+        A send that raises leaves it and those after it unqueued: a checkpoint queues them, and
+        awaits every delivery before its meta record, so a dead letter is never lost."""
+        for i in range(first, len(letters)):
+            letter, delivery = letters[i]
+            if delivery is None:
+                letters[i] = (letter, await self.app.producer.send(
+                    self.deadletter.get_topic_name(), letter.message.key, letter.value(), None, None, letter.headers()
+                ))  # fmt: skip
 
     async def checkpoint(self, commit: bool = True) -> None:
         """Changed keys -> changelog (explicit partition); their acks; then commit the offsets covered.
@@ -434,23 +449,32 @@ class Runtime:
             await self.checkpoint()
 
     async def _checkpoint(self, commit: bool) -> None:
-        checkpoints = self.pipeline.checkpoint_records()
-        offsets = self.pipeline.offsets()  # same instant as the records: no await in between
-        deliveries, self._pending_deliveries = self._pending_deliveries, []
+        async with self._handling:  # not between a batch's processing and its dead letters' queueing
+            checkpoints = self.pipeline.checkpoint_records()
+            offsets = self.pipeline.offsets()  # same instant as the records: no await in between
+            letters, self._dead_letters = self._dead_letters, []
         # Three steps, each acknowledged (acks=all) before the next goes: the changed keys' values
         # (and the dead letters so far), then the meta records, then the tombstones; then the
         # offsets are committed. A meta record that landed then says its values did, whatever
         # became of a batch that failed while a later one of its partition went through, and a
         # tombstone never lands before the meta record that let its hour go (Checkpoint).
+        states = {tp: self.pipeline.states.get(tp) for tp in checkpoints}
         try:
+            await self._queue_dead_letters(letters)
+            deliveries = [delivery for _, delivery in letters]
             for step in ("values", "meta", "tombstones"):
-                for (_, partition), checkpoint in checkpoints.items():
+                for tp, checkpoint in checkpoints.items():
+                    if step != "values" and self.pipeline.states.get(tp) is not states[tp]:
+                        continue  # revoked meanwhile: its next owner has restored from the older meta record
                     records = [checkpoint.meta] if step == "meta" else getattr(checkpoint, step)
-                    deliveries.extend(await self._send_changelog(partition, records))
+                    deliveries.extend(await self._send_changelog(tp[1], records))
                 await asyncio.gather(*deliveries)
                 deliveries = []
         except BaseException:
-            self.pipeline.checkpoint_failed()  # its keys go out with the next checkpoint
+            # Its keys, and its dead letters not known delivered, go out with the next checkpoint
+            # (the stop's too): dropped, that one's meta record claimed an offset past them.
+            self.pipeline.checkpoint_failed()
+            self._dead_letters[:0] = [(letter, None) for letter, delivery in letters if not _delivered(delivery)]
             raise
         self.pipeline.checkpoint_sent()
         self._last_checkpoint = time.monotonic()
@@ -729,6 +753,10 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
         except TimeoutError:
             log.warning("the checkpoint at stop was not acknowledged in %.0f s (is Kafka reachable?); the next "
                         "owner of the partitions replays from the last commit instead", STOP_CHECKPOINT_SECONDS)  # fmt: skip
+            return False
+        except Exception as exc:  # a record or dead letter refused: the stop goes on all the same
+            log.warning("the checkpoint at stop failed (%s: %s); the next owner of the partitions replays from the "
+                        "last commit instead", type(exc).__name__, exc)  # fmt: skip
             return False
 
     @app.on_before_shutdown.connect

@@ -133,9 +133,7 @@ class Pipeline:
             admission = state.admit([m.offset for m in offered])
             if admission.seek is not None:
                 out.seeks[(topic, partition)] = admission.seek
-            # Up to the restored meta record's offset a replay was handled before: its events are
-            # in the checkpoint and its dead letters went out before that meta record did.
-            group = [offered[i] for i in admission.taken if offered[i].offset > state.offset]
+            group = [offered[i] for i in admission.taken]
             if not group:
                 continue
             kind = self._topic_kinds[topic]

@@ -297,7 +297,7 @@ class PartitionState:
     def advance(self, offset: int) -> None:
         """Every message up to ``offset`` is handled (aggregated, skipped or dead-lettered)."""
         self.offset = max(self.offset, offset)
-        if 0 <= self._replay_until <= self.offset:  # past every key's checkpoint: the fast path again
+        if 0 <= self._replay_until <= offset:  # read past every key's checkpoint: the fast path again
             self._key_offsets.clear()
             self._replay_until = -1
 
@@ -319,13 +319,13 @@ class PartitionState:
         fresh: list[Event] = []
         watermark = self.watermark_ms
         for position, (offset, event) in enumerate(batch):
-            if offset <= self.offset:
-                # Handled: a redelivery, or a replay's event up to the restored meta record,
-                # whose checkpoint every key's value and every dead letter went out with. Judged
-                # against the restored watermark instead of the one it met, an event on time
-                # and counted could be dead-lettered as too late.
-                continue
+            if offset <= self.offset and offset > self._replay_until:
+                continue  # already ingested (a redelivery)
             if watermark is not None and event.time_ms < watermark - max_lateness_ms:
+                if offset <= self.offset and not self._lacked_by_a_key(event, offset):
+                    # A replay up to the restored meta record meets its watermark, later than the
+                    # one this event met: counted then, it is in every key, and no dead letter.
+                    continue
                 result.too_late.append(position)
                 continue
             watermark = event.time_ms if watermark is None else max(watermark, event.time_ms)
@@ -344,6 +344,18 @@ class PartitionState:
         self._checkpoint_dirty |= dirty
         self._mark_flush_dirty(dirty)
         return result
+
+    def _lacked_by_a_key(self, event: Event, offset: int) -> bool:
+        """Whether a key the event goes to does not hold its offset (a dry run: nothing changes)."""
+        lacking = []
+
+        def holds(key: Key) -> bool:
+            if self._key_offsets.get(key, -1) < offset:
+                lacking.append(key)
+            return False
+
+        self.aggregates.ingest([event], accept=holds)
+        return bool(lacking)
 
     def _mark_flush_dirty(self, keys: Iterable[Key]) -> None:
         by_hour = self._flush_dirty

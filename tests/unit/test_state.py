@@ -70,6 +70,17 @@ def resumed(log: list[tuple[bytes, bytes | None]], batch: list, committed: int) 
     return state
 
 
+def committed_run(events: list, committed: int, read: int) -> tuple[list, PartitionState, list]:
+    """The events as offsets, a state that checkpointed (and committed) the first ``committed``
+    of them and then read up to ``read``, and the changelog so far."""
+    batch = list(enumerate(events))
+    state = new_state()
+    state.ingest(batch[:committed], LATENESS_MS)
+    log = sent(state)
+    state.ingest(batch[committed:read], LATENESS_MS)
+    return batch, state, log
+
+
 def final_stats(state: PartitionState) -> dict:
     return {row.key: stats(row) for row in state.aggregates.rows()}
 
@@ -489,27 +500,41 @@ def test_an_hour_goes_only_once_its_last_change_is_checkpointed() -> None:
     assert final_stats(restored) == reference([*early, late, *later])
 
 
+def test_a_key_older_than_the_meta_record_gets_the_replay_up_to_the_furthest_key() -> None:
+    """A revoked owner's checkpoint lands after the next owner restored (its values, then its
+    meta record); the next owner writes some of those keys again, from earlier in its replay,
+    and dies before its meta record. The third owner's keys are then of two ages under one
+    meta record: its replay runs per key up to the furthest key's offset, not to the meta
+    record's first batch."""
+    events = make_events(hours=1, per_hour=300, seed=11)
+    batch, first, log = committed_run(events, 100, 250)
+    committed = 99
+    late = first.checkpoint_records()  # under way when the partition is revoked
+    second = new_state()
+    second.restore(changelog_view(log))
+    log.extend([*late.values, late.meta])  # lands after the second owner read the table
+    second.ingest(batch[committed + 1 : 180], LATENESS_MS)
+    log.extend(second.checkpoint_records().values)  # its values land; it dies before its meta record
+    third = resumed(log, batch, committed)
+    assert final_stats(third) == reference(events)
+
+
 def test_a_failed_checkpoint_sends_its_keys_again_with_the_next() -> None:
     """A checkpoint whose records did not all land gives its keys back: the stop's checkpoint
     that follows writes them with its meta record. (Dropped, the meta record claimed an offset
     their changes were not in, and the next owner's replay skipped them.)"""
     events = make_events(hours=2, per_hour=200, seed=21)
-    batch = list(enumerate(events))
-    state = new_state()
-    state.ingest(batch[:150], LATENESS_MS)
-    log = sent(state)
-    committed = state.offset
-    state.ingest(batch[150:300], LATENESS_MS)
+    batch, state, log = committed_run(events, 150, 300)
     state.checkpoint_records()  # nothing of it landed
     state.checkpoint_failed()
     log.extend(sent(state))  # the stop's checkpoint (no commit)
-    assert final_stats(resumed(log, batch, committed)) == reference(events)
+    assert final_stats(resumed(log, batch, 149)) == reference(events)
 
 
 def test_a_replay_up_to_the_meta_record_dead_letters_nothing_it_counted() -> None:
     """Events between the committed offset and a meta record that landed (a stop's checkpoint,
-    which commits nothing) were handled by the run before: the replay skips them, instead of
-    judging them against the restored, later watermark (on time then, too late now)."""
+    which commits nothing) meet the restored watermark, later than the one they met: one too
+    late for it that every key holds was counted, and is not dead-lettered."""
     early = [e for e in make_events(hours=1, per_hour=30, seed=3) if e.time_ms < START_MS + 30 * 60_000]
     later = make_events(hours=1, per_hour=30, seed=4, start_ms=START_MS + 3 * HOUR_MS)
     batch = list(enumerate(early + later))
@@ -522,7 +547,7 @@ def test_a_replay_up_to_the_meta_record_dead_letters_nothing_it_counted() -> Non
     restored = new_state()
     restored.restore(changelog_view(log))
     again = restored.ingest(batch[committed + 1 :], HOUR_MS)
-    assert again.too_late == [] and again.applied == 0
+    assert again.too_late == []
     assert final_stats(restored) == reference([event for _, event in batch])
 
 
