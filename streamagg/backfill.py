@@ -194,8 +194,9 @@ def plan(requested: HourRange, facts: Sequence[PartitionFacts], max_lateness_ms:
         hours = HourRange(first, requested.end_ms)
     if emptied and not allow_partial:
         names = ", ".join(f"{f.topic}[{f.partition}]" for f in emptied)
+        verb = "holds" if len(emptied) == 1 else "hold"
         raise RetentionRefused(
-            f"{names} no longer hold any record (deleted up to offset {emptied[0].beginning}), so what they held "
+            f"{names} no longer {verb} any record (deleted up to offset {emptied[0].beginning}), so what they held "
             f"for {requested} is unknown; --allow-partial rebuilds without them and keeps their stored partials"
         )
     skipped = {f.tp for f in emptied}
@@ -552,7 +553,7 @@ async def _write(
     on_progress: Callable[[Progress], None] | None,
     clock: Callable[[], float],
     started: float,
-) -> None:
+) -> set[Key]:
     """Hour by hour, in transactions of whole keys; returns every key written or retired."""
     covered = {replay.window.tp: replay.covered for replay in replays}
     topic_of = {name: settings.topic(metric.kind) for name, metric in METRICS_BY_NAME.items()}
