@@ -412,7 +412,7 @@ class AggregateState:
             agg is None
             and dimension_type is not None
             and value != OVERFLOW_VALUE
-            and self._series.get((hour, name, dimension_type), 0) >= self._max_series
+            and self._series[(hour, name, dimension_type)] >= self._max_series
         ):
             key = (hour, name, dimension_type, OVERFLOW_VALUE)
             agg = self._read(key)

@@ -399,38 +399,42 @@ class Runtime:
         os.kill(os.getpid(), signal.SIGTERM)
 
     async def process(self, batch: SourceBatch, generation: int) -> SourceBatch:
-        # Only records of partitions whose table recovery completed in the current consumer
-        # generation: a record fetched before a rebalance, folded into a state rebuilt
-        # meanwhile, would break offset order. The others are returned, to be read again.
-        if generation != self.app.consumer_generation_id:
-            return batch
-        ready = self._ready
-        messages = [
-            RawMessage(r.topic, r.partition, r.offset, r.value, r.timestamp, r.key)
-            for tp, records in batch.items()
-            if tp in ready
-            for r in records
-        ]
-        untaken = {tp: records for tp, records in batch.items() if tp not in ready}
         # The batch's offsets and its dead letters go in one checkpoint: one taken while a dead
         # letter waited to be queued (a full producer buffer) committed past it unsent.
         async with self._handling:
+            # Only records of partitions whose table recovery completed in the current consumer
+            # generation: a record fetched before a rebalance, folded into a state rebuilt
+            # meanwhile, would break offset order. The others are returned, to be read again.
+            # (Checked once the lock is held: waiting for it, a rebalance may have come.)
+            if generation != self.app.consumer_generation_id:
+                return batch
+            ready = self._ready
+            messages = [
+                RawMessage(r.topic, r.partition, r.offset, r.value, r.timestamp, r.key)
+                for tp, records in batch.items()
+                if tp in ready
+                for r in records
+            ]
+            untaken = {tp: records for tp, records in batch.items() if tp not in ready}
             processed = self.pipeline.process(messages)
-            first = len(self._dead_letters)
-            self._dead_letters.extend((letter, None) for letter in processed.dead)
-            await self._queue_dead_letters(self._dead_letters, first)
+            # Queued in a list of the batch's own: a checkpoint failing meanwhile puts its
+            # undelivered letters back at the front of the shared one.
+            letters: list[tuple[DeadLetter, asyncio.Future | None]] = [(letter, None) for letter in processed.dead]
+            try:
+                await self._queue_dead_letters(letters)
+            finally:
+                self._dead_letters.extend(letters)
         for (topic, partition), offset in processed.seeks.items():
             self.telemetry.errors.labels("skipped_offset").inc()
             await self.app.consumer.seek(TP(topic, partition), offset)
         await self.checkpoint_if_due()
         return untaken
 
-    async def _queue_dead_letters(self, letters: list[tuple[DeadLetter, asyncio.Future | None]], first: int = 0) -> None:
-        """Queue (buffered sends) the dead letters of ``letters[first:]`` not queued yet, in place.
-        A send that raises leaves it and those after it unqueued: a checkpoint queues them, and
-        awaits every delivery before its meta record, so a dead letter is never lost."""
-        for i in range(first, len(letters)):
-            letter, delivery = letters[i]
+    async def _queue_dead_letters(self, letters: list[tuple[DeadLetter, asyncio.Future | None]]) -> None:
+        """Queue (buffered sends) the dead letters of ``letters`` not queued yet, in place. A send
+        that raises leaves it and those after it unqueued: a checkpoint queues them, and awaits
+        every delivery before its meta record, so a dead letter is never lost."""
+        for i, (letter, delivery) in enumerate(letters):
             if delivery is None:
                 letters[i] = (letter, await self.app.producer.send(
                     self.deadletter.get_topic_name(), letter.message.key, letter.value(), None, None, letter.headers()
@@ -440,7 +444,12 @@ class Runtime:
         """Changed keys -> changelog (explicit partition); their acks; then commit the offsets covered.
 
         Serialised: a later checkpoint's commit must never overtake an earlier one's records.
+        None once a failure stopped the worker: a batch that failed half-way left keys ahead
+        of their partition's offset, and labelled with it they would be counted again by the
+        replay; the next owner replays from the last commit instead.
         """
+        if self.failed:
+            return
         async with self._checkpoint_lock:
             await self._checkpoint(commit)
 
@@ -747,6 +756,10 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
 
     async def stop_checkpoint() -> bool:
         """The consumer is gone: no commit, only less replay (and fewer rewrites) for the next owner."""
+        if runtime.failed:
+            log.warning("not checkpointing at stop after a failure; the next owner of the partitions replays from "
+                        "the last commit")  # fmt: skip
+            return False
         try:
             await asyncio.wait_for(runtime.checkpoint(commit=False), STOP_CHECKPOINT_SECONDS)
             return True

@@ -322,9 +322,11 @@ class PartitionState:
             if offset <= self.offset and offset > self._replay_until:
                 continue  # already ingested (a redelivery)
             if watermark is not None and event.time_ms < watermark - max_lateness_ms:
-                if offset <= self.offset and not self._lacked_by_a_key(event, offset):
-                    # A replay up to the restored meta record meets its watermark, later than the
-                    # one this event met: counted then, it is in every key, and no dead letter.
+                if offset <= self.offset:
+                    # A replay up to the restored meta record meets that record's watermark, later
+                    # than the one this event met. Counted then, its keys hold it (or it went with
+                    # its evicted hour); refused then, its dead letter was delivered before the
+                    # meta record was sent. Either way, no dead letter again.
                     continue
                 result.too_late.append(position)
                 continue
@@ -344,18 +346,6 @@ class PartitionState:
         self._checkpoint_dirty |= dirty
         self._mark_flush_dirty(dirty)
         return result
-
-    def _lacked_by_a_key(self, event: Event, offset: int) -> bool:
-        """Whether a key the event goes to does not hold its offset (a dry run: nothing changes)."""
-        lacking = []
-
-        def holds(key: Key) -> bool:
-            if self._key_offsets.get(key, -1) < offset:
-                lacking.append(key)
-            return False
-
-        self.aggregates.ingest([event], accept=holds)
-        return bool(lacking)
 
     def _mark_flush_dirty(self, keys: Iterable[Key]) -> None:
         by_hour = self._flush_dirty
