@@ -205,8 +205,11 @@ class Pipeline:
             if not items:
                 continue
             closed = max(key[0] for key, _ in items) + HOUR_MS + self._grace_ms
+            if not state.replaying:  # one label, the state's offset
+                out.append(Flushable(topic, partition, items, closed, state.offset))
+                continue
             by_label: defaultdict[int, list[tuple[Key, Agg]]] = defaultdict(list)
-            for item in items:  # one label but while restored keys are replayed
+            for item in items:
                 by_label[state.flush_label(item[0])].append(item)
             out.extend(Flushable(topic, partition, group, closed, label) for label, group in by_label.items())
         return out

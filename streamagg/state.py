@@ -301,6 +301,11 @@ class PartitionState:
             self._key_offsets.clear()
             self._replay_until = -1
 
+    @property
+    def replaying(self) -> bool:
+        """Restored keys from further on than the state's offset are still being caught up with."""
+        return self._replay_until >= 0
+
     def flush_label(self, key: Key) -> int:
         """The partition offset a partial of ``key`` taken now includes: the state's offset, or
         more for a restored key whose checkpoint came from further on than the replay has read
