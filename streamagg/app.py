@@ -388,6 +388,11 @@ class Runtime:
         try:
             return await self.process(batch, generation)
         except Exception:  # a bug must not silently skip a batch
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A stop cancelled this task while a checkpoint's gather ended in a delivery's
+                # error: the cancel is owed, not a bug (taken for one, the stop hung 60 s, exit 1).
+                raise asyncio.CancelledError from None
             self._stop_on_bug("processing a batch")
             await asyncio.Event().wait()  # no further batch: wait for the shutdown
             raise
