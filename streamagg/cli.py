@@ -137,10 +137,9 @@ class _Time(click.ParamType):
             return value
         from .events import Rejected, parse_timestamp
 
-        if isinstance(value, str) and len(value) == 10:  # a date, 2026-11-26: its midnight UTC
-            value = f"{value}T00:00:00Z"
+        text = f"{value}T00:00:00Z" if isinstance(value, str) and len(value) == 10 else value  # a date: its midnight UTC
         try:
-            return parse_timestamp(param.name if param else "time", value)
+            return parse_timestamp(param.name if param else "time", text)
         except Rejected as exc:
             self.fail(f"{value!r} is not an RFC 3339 time or a date", param, ctx)
             raise AssertionError from exc  # unreachable: fail() raises

@@ -8,6 +8,8 @@ values fail at start with a message naming the variable. The DSN is a ``SecretSt
 
 from __future__ import annotations
 
+import json
+
 import os
 import re
 import tempfile
@@ -86,10 +88,22 @@ class Settings(BaseSettings):
         parts = urlsplit(value.get_secret_value())
         if parts.scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql:// URL")
-        try:
-            parts.port  # noqa: B018  (parsed on access)
+        try:  # each host of the list asyncpg takes (host1:port1,host2:port2)
+            for host in parts.netloc.rpartition("@")[2].split(","):
+                urlsplit(f"//{host}").port  # noqa: B018  (parsed on access)
         except ValueError:
             raise ValueError("the port must be a number from 0 to 65535") from None
+        return value
+
+    @field_validator("sketch_kinds", mode="before")
+    @classmethod
+    def _kinds_text(cls, value: object) -> object:
+        """The flag gives the JSON text itself (the variable's is decoded before this)."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("not valid JSON") from None
         return value
 
     @field_validator("sketch_kind")

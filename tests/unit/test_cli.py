@@ -26,9 +26,10 @@ def test_a_time_is_rfc_3339_or_a_date(text: str, expected: str) -> None:
     assert rfc3339(TIME.convert(text, None, None)) == expected
 
 
-@pytest.mark.parametrize("text", ["2026-1-26", "20261126", "2026-W48-5", "2026-11-26T13:00", "tomorrow"])
+@pytest.mark.parametrize("text", ["2026-1-26", "20261126", "2026-W48-5", "2026-11-26T13:00", "tomorrow", "2026-13-26"])
 def test_other_times_are_refused_with_a_one_line_reason(text: str) -> None:
-    with pytest.raises(click.BadParameter, match="is not an RFC 3339 time or a date"):
+    """Quoting the text as given (a bad date was quoted with the time it was read as)."""
+    with pytest.raises(click.BadParameter, match=f"^'{text}' is not an RFC 3339 time or a date$"):
         TIME.convert(text, None, None)
 
 
@@ -54,6 +55,21 @@ def test_malformed_settings_are_one_line_errors(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("STREAMAGG_SKETCH_KINDS", "notjson")
     with pytest.raises(ConfigError, match="^STREAMAGG_SKETCH_KINDS: not valid JSON$"):
         load_settings()
+    monkeypatch.delenv("STREAMAGG_SKETCH_KINDS")
+    with pytest.raises(ConfigError, match="^STREAMAGG_SKETCH_KINDS: .*not valid JSON$"):
+        load_settings({"sketch_kinds": "notjson"})  # the flag
+    with pytest.raises(ConfigError, match="^STREAMAGG_DATABASE_URL: .*port must be a number"):
+        load_settings({"database_url": "postgresql://app@db1:5432,db2:notaport/metrics"})
+
+
+def test_the_flags_of_structured_and_multi_host_settings_read_as_their_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every setting is a flag too: --sketch-kinds gives the JSON text (it was refused as not a
+    dictionary), and a DSN may list hosts as asyncpg does (refused as a bad port)."""
+    monkeypatch.delenv("STREAMAGG_SKETCH_KINDS", raising=False)
+    settings = load_settings({"sketch_kinds": '{"trace.tokens": "kll-k200"}'})
+    assert settings.sketch_kinds == {"trace.tokens": "kll-k200"}
+    dsn = "postgresql://app:s3cret@db1:5432,[::1]:5433/metrics"
+    assert load_settings({"database_url": dsn}).database_url.get_secret_value() == dsn
 
 
 def test_a_metrics_port_in_use_is_a_one_line_error() -> None:
