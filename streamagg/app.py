@@ -50,7 +50,7 @@ from .logs import count_client_errors, keep_own_lines
 from .pipeline import DeadLetter, Flushable, Pipeline, RawMessage, TopicPartition
 from .rollup import rollup, rollup_keys
 from .settings import Settings
-from .state import collect_less_often, decode_key
+from .state import PartitionState, collect_less_often, decode_key
 from .store import Store, StoreError, WriteResult, key_lock_id
 from .telemetry import Progress, Telemetry, serve
 from .topics import TopicError, deadletter_topic, ensure_topics, source_topics
@@ -323,19 +323,20 @@ class Runtime:
         # were all consumed and committed by a worker that died before flushing them gets no
         # next event, and its hours would never be written.
         restored = []
+        unstarted: dict[TP, PartitionState] = {}  # without a meta record: no checkpoint, or a first one cut short
         for tp in sorted(ready):
             new = not self.pipeline.owns(tp.topic, tp.partition)
             state = self.pipeline.state_for(tp.topic, tp.partition)
             if new and state.offset >= 0:
                 restored.append(state.open_keys)
-        # A partition without a meta record (no checkpoint, or a first one cut short before its
-        # meta record) must be read from the log's first offset: tell its state, so that a
-        # consumer starting it further on is sent back (PartitionState.admit). Its batches wait
-        # for ``_ready``, set below.
-        unstarted = sorted(tp for tp in ready if self.pipeline.state_for(tp.topic, tp.partition).offset < 0)
+            if state.offset < 0:
+                unstarted[tp] = state
+        # Those must be read from the log's first offset: tell their states, so that a consumer
+        # starting one further on is sent back (PartitionState.admit). Their batches wait for
+        # ``_ready``, set below.
         starts = await consumer.earliest_offsets(*unstarted) if unstarted else {}
         for tp, start in starts.items():
-            self.pipeline.state_for(tp.topic, tp.partition).expect(start)
+            unstarted[tp].expect(start)
         if restored:  # one line, however many partitions (each on its own at DEBUG)
             log.info("%d of %d partitions restored from their checkpoints: %s keys", len(restored), len(ready),
                      f"{sum(restored):,}")  # fmt: skip
@@ -476,12 +477,11 @@ class Runtime:
         try:
             await self._queue_dead_letters(letters)
             deliveries = [delivery for _, delivery in letters]
-            for step in ("values", "meta", "tombstones"):
+            for step in range(3):  # Checkpoint.steps
                 for tp, checkpoint in checkpoints.items():
-                    if step != "values" and self.pipeline.states.get(tp) is not states[tp]:
+                    if step and self.pipeline.states.get(tp) is not states[tp]:
                         continue  # revoked meanwhile: its next owner has restored from the older meta record
-                    records = [checkpoint.meta] if step == "meta" else getattr(checkpoint, step)
-                    deliveries.extend(await self._send_changelog(tp[1], records))
+                    deliveries.extend(await self._send_changelog(tp[1], checkpoint.steps()[step]))
                 await asyncio.gather(*deliveries)
                 deliveries = []
         except BaseException:

@@ -9,7 +9,6 @@ values fail at start with a message naming the variable. The DSN is a ``SecretSt
 from __future__ import annotations
 
 import json
-
 import os
 import re
 import tempfile

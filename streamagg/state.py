@@ -167,8 +167,12 @@ class Checkpoint:
     meta: tuple[bytes, bytes]
     tombstones: list[tuple[bytes, bytes | None]]
 
+    def steps(self) -> tuple[list[tuple[bytes, bytes | None]], ...]:
+        """The records in the steps they are sent in, each acknowledged before the next goes."""
+        return self.values, [self.meta], self.tombstones
+
     def in_order(self) -> list[tuple[bytes, bytes | None]]:
-        return [*self.values, self.meta, *self.tombstones]
+        return [record for step in self.steps() for record in step]
 
 
 @dataclass

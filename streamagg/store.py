@@ -101,9 +101,15 @@ _COLUMNS = (
 _T_COLUMNS = ", ".join("t." + c.strip() for c in _COLUMNS.split(","))
 
 
+def _span(milliseconds: str) -> str:
+    """SQL of the interval of ``milliseconds`` (an expression), exactly: a pure time span, never
+    days, which PostgreSQL adds in the session's time zone."""
+    return f"({milliseconds})::bigint * interval '1 millisecond'"
+
+
 def _bucket_time(milliseconds: str) -> str:
     """SQL of the timestamptz ``milliseconds`` (a text expression) after the epoch, exactly."""
-    return f"(timestamptz 'epoch' + ({milliseconds})::bigint * interval '1 millisecond')"
+    return f"(timestamptz 'epoch' + {_span(milliseconds)})"
 
 
 RowKey = tuple[Granularity, int, str | None]  # (granularity, bucket start ms, dimension value) within one slice
@@ -225,15 +231,15 @@ WHERE t.granularity = 'hour' AND t.metric_name = k.m AND coalesce(t.dimension_ty
 
 # A day or week row ``t`` of granularity $1 (bucket width $2, in milliseconds) is deleted only
 # while no hour row of its series lies inside its bucket, checked in the statement itself, so a
-# concurrent flush of a new hour is never undone. The width is milliseconds, not an interval of
-# days: PostgreSQL adds days in the session's time zone, where a day of a clock change is 23 or
-# 25 hours (on a Europe/Berlin server 2025-03-30's row went while its 23:00 UTC hour stood).
+# concurrent flush of a new hour is never undone. The width is a span of milliseconds, not an
+# interval of days: in a time zone with clock changes a day is 23 or 25 hours (on a
+# Europe/Berlin server 2025-03-30's row went while its 23:00 UTC hour stood).
 _WITHOUT_HOURS = f"""t.granularity = $1 AND NOT EXISTS (
       SELECT 1 FROM {TABLE} h
       WHERE h.granularity = 'hour' AND h.metric_name = t.metric_name
         AND coalesce(h.dimension_type, '') = coalesce(t.dimension_type, '')
         AND coalesce(h.dimension_value, '') = coalesce(t.dimension_value, '')
-        AND h.bucket_time >= t.bucket_time AND h.bucket_time < t.bucket_time + $2::bigint * interval '1 millisecond')"""
+        AND h.bucket_time >= t.bucket_time AND h.bucket_time < t.bucket_time + {_span("$2")})"""
 
 _DELETE_ROLLUPS_WITHOUT_HOURS = f"""
 DELETE FROM {TABLE} t USING unnest($3::timestamptz[], $4::text[], $5::text[], $6::text[]) AS k(b, m, dt, dv)
