@@ -48,7 +48,7 @@ from .errors import StreamaggError
 from .lanes import in_lanes
 from .logs import count_client_errors, keep_own_lines
 from .pipeline import DeadLetter, Flushable, Pipeline, RawMessage, TopicPartition
-from .rollup import rollup, rollup_keys
+from .rollup import roll_up_owed, rollup, rollup_keys
 from .settings import Settings
 from .state import PartitionState, collect_less_often, decode_key
 from .store import Store, StoreError, WriteResult, key_lock_id
@@ -623,18 +623,8 @@ class Runtime:
         self._last_rollup = time.monotonic()
 
     async def _roll_up_owed(self, store: Store) -> None:
-        """Roll up the hours other workers queued and have not rolled up, a day at a time: a dead
-        worker's debt (a live one's is merely done twice), with every series of those hours."""
-        owed = await store.owed_rollups(exclude=self.instance)
-        if not owed:
-            return
-        log.info("rolling up %d hours that other workers flushed and did not roll up", len(owed))
-        by_day: dict[int, list[int]] = {}
-        for hour in owed:
-            by_day.setdefault(bucket_start_ms(hour, "day"), []).append(hour)
-        for _, hours in sorted(by_day.items()):
-            self._count_rollups(await rollup_keys(store, await store.hour_keys_at(hours)))
-            await store.rolled_up(ids=[row for hour in hours for row in owed[hour]])
+        """Roll up what other workers or a stopped backfill queued and did not roll up."""
+        self._count_rollups(await roll_up_owed(store, exclude=self.instance))
 
     def _count_rollups(self, results: Mapping[str, WriteResult]) -> None:
         for granularity, result in results.items():

@@ -14,7 +14,9 @@ which stored rows a rebuilt hour must lose); the I/O part replays and writes:
 * results go through the live worker's write path (``Store.write_partials_of``) as partials
   fenced by source offset, one transaction per chunk of keys of one hour; stored partials the
   replay found nothing for are retired, so a rebuilt hour holds exactly what the topics hold;
-* days and weeks of the rebuilt keys are rolled up again from the stored hours.
+* days and weeks of the rebuilt keys are rolled up again from the stored hours; the written
+  hours wait in the roll-up queue until then, so a backfill stopped half-way leaves them to the
+  next live worker that starts or gets partitions.
 
 Why the windows are exact, retention, and dry runs: docs/design.md, "Backfill".
 """
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -426,10 +430,14 @@ async def backfill(
         raise BackfillError(f"replaying from {settings.kafka_bootstrap} failed: {exc}", retriable=True) from exc
     finally:
         await consumer.stop()
-    touched = await _write(store, settings, the_plan, replays, report, on_progress, clock, started)
-    if not dry_run:
+    # The hours it writes are queued for their roll-ups in the same transactions: if it stops
+    # before it has rolled them up, the next live worker to start or rebalance does.
+    queued_by = None if dry_run else f"{settings.app_id}-backfill:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    touched = await _write(store, settings, the_plan, replays, report, on_progress, clock, started, queued_by)
+    if queued_by is not None:
         await store.analyze()
         report.rollups.update(await rollup_keys(store, touched))
+        await store.rolled_up(queued_by)
     report.seconds = clock() - started
     return report
 
@@ -553,6 +561,7 @@ async def _write(
     on_progress: Callable[[Progress], None] | None,
     clock: Callable[[], float],
     started: float,
+    queued_by: str | None,
 ) -> set[Key]:
     """Hour by hour, in transactions of whole keys; returns every key written or retired."""
     covered = {replay.window.tp: replay.covered for replay in replays}
@@ -566,7 +575,8 @@ async def _write(
         finals, partials = await store.stored_hour_keys(hour, hour + HOUR_MS)
         result = WriteResult()
         for chunk in hour_chunks(produced.get(hour, {}), finals, partials, covered, topic_of):
-            result += await store.write_partials_of(chunk.batches, chunk.retire, chunk.orphans, dry_run=report.dry_run)
+            result += await store.write_partials_of(chunk.batches, chunk.retire, chunk.orphans, dry_run=report.dry_run,
+                                                    queued_by=queued_by)
             touched.update(key for _, _, items in chunk.batches for key, _ in items)
             touched.update(r.key for r in chunk.retire)
             touched.update(chunk.orphans)

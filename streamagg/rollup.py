@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
 from .aggregate import Key, roll_up_rows
-from .buckets import DAY_MS, Granularity, bucket_end_ms, bucket_start_ms, rfc3339
+from .buckets import DAY_MS, WEEK_MS, Granularity, bucket_end_ms, bucket_start_ms, rfc3339
 from .lanes import in_lanes
 from .store import Series, Store, WriteResult, series_lock_id
 
@@ -89,4 +89,29 @@ async def rollup_keys(
                 results[granularity] += result
 
     await in_lanes(batches, _LANES, lane)
+    return results
+
+
+async def roll_up_owed(store: Store, exclude: str) -> dict[Granularity, WriteResult]:
+    """Roll up the hours that others than ``exclude`` queued and did not roll up: a dead
+    worker's debt or an interrupted backfill's (a live one's is merely done twice). A day at a
+    time, with every series of its owed hours; then the day and week rows of those buckets left
+    without an hour row go (a backfill may have removed a series' hours before it stopped)."""
+    owed = await store.owed_rollups(exclude=exclude)
+    results = {granularity: WriteResult() for granularity in ("day", "week")}
+    if not owed:
+        return results
+    log.info("rolling up %d hours that were flushed and not rolled up", len(owed))
+    by_day: dict[int, list[int]] = {}
+    for hour in owed:
+        by_day.setdefault(bucket_start_ms(hour, "day"), []).append(hour)
+    for day, hours in sorted(by_day.items()):
+        for granularity, result in (await rollup_keys(store, await store.hour_keys_at(hours))).items():
+            results[granularity] += result
+        results["day"] += WriteResult(deleted=await store.delete_rollups_without_hours_between("day", day, day + DAY_MS))
+        week = bucket_start_ms(day, "week")
+        results["week"] += WriteResult(
+            deleted=await store.delete_rollups_without_hours_between("week", week, week + WEEK_MS)
+        )
+        await store.rolled_up(ids=[row for hour in hours for row in owed[hour]])
     return results

@@ -461,8 +461,8 @@ class Store:
         without partials loses its final hour row, so a rebuilt hour holds exactly what the
         replay found. ``dry_run`` rolls the transaction back: the result says what would change.
 
-        ``queued_by`` (a worker) owes the roll-up of the written hours: they go into the roll-up
-        queue in the same transaction, until :meth:`rolled_up` says it is done.
+        ``queued_by`` (a worker, a backfill) owes the roll-up of the written hours: they go into
+        the roll-up queue in the same transaction, until :meth:`rolled_up` says it is done.
         """
         batches = [batch for batch in batches if batch[2]]
         if not batches and not retire and not orphans:
@@ -489,8 +489,8 @@ class Store:
                     result = await self._write_partials(
                         conn, keys, own, entries, _json(rows), retire, candidates - written
                     )
-                    if queued_by is not None and own:
-                        await conn.execute(_QUEUE_ROLLUPS, sorted({to_datetime(key[0]) for key in own}), queued_by)
+                    if queued_by is not None:
+                        await conn.execute(_QUEUE_ROLLUPS, sorted({to_datetime(key[0]) for key in keys}), queued_by)
                 except BaseException:
                     await transaction.rollback()
                     raise

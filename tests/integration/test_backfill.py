@@ -17,8 +17,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streamagg.backfill import HourRange, Progress, Report, backfill, first_rebuildable_hour, iso
-from streamagg.buckets import HOUR_MS, to_datetime
+from streamagg.buckets import HOUR_MS, bucket_start_ms, to_datetime
 from streamagg.oracle import exact_rollup
+from streamagg.rollup import roll_up_owed
 from streamagg.store import Store
 from streamagg.telemetry import BackfillTelemetry
 from tests.integration.harness import (
@@ -36,6 +37,7 @@ from tests.unit.test_aggregate import assert_row_matches
 
 TABLE = "observability.metrics_aggregates"
 PARTIALS = "observability.metrics_partials"
+QUEUE = "observability.metrics_rollup_queue"
 
 
 def backfill_cli(world: Scenario, *args: str) -> subprocess.CompletedProcess:
@@ -279,3 +281,55 @@ def test_without_a_worker_the_rows_are_the_oracles_and_progress_is_in_the_metric
     reading = [p for p in seen if p.phase == "reading"]
     assert reading[0].records == 0 and reading[-1].partitions_done == partitions and reading[-1].records == report.records
     assert [p.hours_done for p in seen if p.phase == "writing"] == [1, 2]
+    assert sql(world, f"SELECT * FROM {QUEUE}") == []  # its roll-ups are written: it owes nothing
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_stopped_after_its_first_hour_its_roll_ups_are_owed_to_the_next_worker(scenario: Callable[..., Scenario]) -> None:
+    """A backfill that stops after writing an hour (here its progress callback raises) leaves
+    that hour in the roll-up queue; the owed roll-up a live worker runs at start then writes the
+    day and week rows of what is stored, and deletes a day row left without hours."""
+    world = scenario(hours=2, per_hour=600, seed=36)
+    world.produce()
+    oracle = world.oracle()
+    first = {key: value for key, value in oracle.items() if key[0] == world.start_ms}
+
+    def stop_after_the_first_hour(progress: Progress) -> None:
+        if progress.phase == "writing":
+            raise Interrupted
+
+    async def interrupted() -> None:
+        async with await Store.open(world.settings.database_url.get_secret_value(), "test") as store:
+            await store.migrate()
+            hours = HourRange(world.start_ms, world.start_ms + 2 * HOUR_MS)
+            try:
+                await backfill(world.settings, store, hours, on_progress=stop_after_the_first_hour)
+            except Interrupted:
+                return
+            raise AssertionError("the backfill was not interrupted")
+
+    asyncio.run(interrupted())
+    assert {key: row.count for key, row in world.rows("hour").items()} == {key: v.count for key, v in first.items()}
+    assert world.rows("day") == world.rows("week") == {}
+    queued = sql(world, f"SELECT hour, queued_by FROM {QUEUE}")
+    assert {r["hour"] for r in queued} == {to_datetime(world.start_ms)}
+    assert all(r["queued_by"].startswith(f"{world.settings.app_id}-backfill:") for r in queued)
+    ghost = "ghost-of-a-removed-series"  # a day row whose series has no hour row: a backfill removed them
+    sql(world, f"INSERT INTO {TABLE} (bucket_time, granularity, metric_name, dimension_type, dimension_value, count) "
+               "VALUES ($1, 'day', 'trace.duration_ms', 'user_id', $2, 1)", to_datetime(bucket_start_ms(world.start_ms, "day")), ghost)  # fmt: skip
+
+    async def owed() -> None:
+        async with await Store.open(world.settings.database_url.get_secret_value(), "test") as store:
+            await roll_up_owed(store, exclude="a-live-worker")
+
+    asyncio.run(owed())
+    for granularity in ("day", "week"):
+        rows = world.rows(granularity)
+        expected = exact_rollup(first, granularity)
+        assert rows.keys() == expected.keys()
+        for key, (exact, hour_sums) in expected.items():
+            assert_row_matches(rows[key], exact, expected_sum=hour_sums)
+    assert sql(world, f"SELECT * FROM {QUEUE}") == []
