@@ -53,7 +53,7 @@ from .settings import Settings
 from .state import PartitionState, collect_less_often, decode_key
 from .store import Store, StoreError, WriteResult, key_lock_id
 from .telemetry import Progress, Telemetry, serve
-from .topics import TopicError, deadletter_topic, ensure_topics, source_topics
+from .topics import TopicError, deadletter_topic, ensure_partitions, ensure_topics, source_topics
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +254,16 @@ _BatchConsumer.logger = faust_aiokafka.Consumer.logger
 class Runtime:
     """What the Faust callbacks share: the pipeline, the table, the store, telemetry."""
 
-    def __init__(self, settings: Settings, telemetry: Telemetry, app: faust.App) -> None:
+    def __init__(self, settings: Settings, telemetry: Telemetry, app: faust.App, partitions: int) -> None:
         self.settings = settings
         self.telemetry = telemetry
         self.app = app
+        # A source partition's checkpoints go to the changelog partition of its number: as many
+        # as the source topic with the most partitions.
         self.table = app.Table(
             TABLE_NAME,
             default=None,
-            partitions=settings.partitions,
+            partitions=partitions,
             key_type=bytes,
             value_type=bytes,
         )
@@ -677,14 +679,19 @@ class Runtime:
             self._store = None
 
 
-def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[faust.App, Runtime]:
+def build_app(
+    settings: Settings, telemetry: Telemetry, datadir: Path, partitions: int | None = None
+) -> tuple[faust.App, Runtime]:
+    """The Faust app and its runtime; ``partitions``, the most any source topic has, defaults to
+    ``STREAMAGG_PARTITIONS`` (what the worker creates them with)."""
+    partitions = partitions or settings.partitions
     brokers = [f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")]
     app = _App(
         settings.app_id,
         env={},  # ignore APP_STORE, BROKER_URL, ...: settings come from streamagg's Settings only
         broker=brokers,
         store="memory://",
-        topic_partitions=settings.partitions,
+        topic_partitions=partitions,
         topic_replication_factor=1,
         table_standby_replicas=0,
         web_enabled=False,
@@ -702,7 +709,7 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
         broker_max_poll_records=MAX_BATCH_RECORDS,
         timezone=UTC,
     )
-    runtime = Runtime(settings, telemetry, app)
+    runtime = Runtime(settings, telemetry, app, partitions)
     # Subscribed through the Conductor like an agent's topic; consumed by _BatchConsumer.
     sources = app.topic(
         *source_topics(settings),
@@ -710,7 +717,7 @@ def build_app(settings: Settings, telemetry: Telemetry, datadir: Path) -> tuple[
         key_serializer="raw",
         value_type=bytes,
         value_serializer="raw",
-        partitions=settings.partitions,
+        partitions=partitions,
         acks=False,
     )
 
@@ -833,7 +840,9 @@ class _Worker(faust.Worker):
 
 def run_worker(settings: Settings, verbose: int = 0) -> None:
     """`streamagg worker`: runs until SIGINT/SIGTERM; raises SystemExit with the exit status."""
-    ensure_topics(settings)
+    counts = ensure_topics(settings)
+    # Topics created before (by a producer, or with another STREAMAGG_PARTITIONS) keep their counts.
+    partitions = max(counts[topic] for topic in source_topics(settings))
     registry = CollectorRegistry()
     telemetry = Telemetry(registry)
     server, _ = serve(registry, settings.metrics_host, settings.metrics_port)  # a port in use: stop here
@@ -841,7 +850,9 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
     datadir = Path(tempfile.mkdtemp(prefix=f"streamagg-faust-{settings.app_id}-"))
     stop_limit = _StopLimit(datadir)
     try:
-        app, runtime = build_app(settings, telemetry, datadir)
+        app, runtime = build_app(settings, telemetry, datadir, partitions)
+        # A changelog made for fewer source partitions (a source topic has grown since) grows too.
+        ensure_partitions(settings, runtime.table.changelog_topic.get_topic_name(), partitions)
 
         @app.on_before_shutdown.connect
         async def limit_the_stop(sender: Any, **kwargs: Any) -> None:

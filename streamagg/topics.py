@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
+from kafka.admin import NewPartitions, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from .errors import StreamaggError
@@ -69,6 +69,24 @@ def ensure_topics(settings: Settings, names: list[str] | None = None) -> dict[st
         return {topic["name"]: len(topic["partitions"]) for topic in described}
     except KafkaError as exc:
         raise TopicError(f"cannot create topics on {settings.kafka_bootstrap}: {exc}") from exc
+    finally:
+        admin.close()
+
+
+def ensure_partitions(settings: Settings, topic: str, at_least: int) -> None:
+    """Give an existing ``topic`` at least ``at_least`` partitions (a missing one is left to its
+    creator). Only for topics whose records go to an explicit partition, never by key hash."""
+    admin = _admin(settings)
+    try:
+        if topic not in set(admin.list_topics()):
+            return
+        (described,) = admin.describe_topics([topic])
+        if len(described["partitions"]) < at_least:
+            log.info("%s has %d partitions, the source topics up to %d: adding the missing ones",
+                     topic, len(described["partitions"]), at_least)  # fmt: skip
+            admin.create_partitions({topic: NewPartitions(total_count=at_least)})
+    except KafkaError as exc:
+        raise TopicError(f"cannot add partitions to {topic} on {settings.kafka_bootstrap}: {exc}") from exc
     finally:
         admin.close()
 

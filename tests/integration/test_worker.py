@@ -13,11 +13,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
 
 from streamagg.aggregate import Row
+from streamagg.app import TABLE_NAME
 from streamagg.buckets import HOUR_MS, bucket_start_ms
 from streamagg.oracle import exact_rollup
+from streamagg.topics import existing_partitions, source_topics
 from tests.integration.harness import (
     Scenario,
     assert_equal_to_oracle,
@@ -174,6 +177,28 @@ def test_two_workers_in_one_group(scenario: Callable[..., Scenario]) -> None:
     a = metric(port_a, "observability_aggregation_records_processed_total") or 0
     b = metric(port_b, "observability_aggregation_records_processed_total") or 0
     assert a > 0 and b > 0  # both took part
+
+
+def test_source_topics_made_with_other_partition_counts(scenario: Callable[..., Scenario]) -> None:
+    """Topics a producer made before (6, 3, 5 and 2 partitions) and a changelog left by a run on
+    fewer, under STREAMAGG_PARTITIONS=2: the changelog grows to the most partitions of a source
+    topic and the rows equal the oracle (before, a checkpoint for partition 2 crashed the worker)."""
+    world = scenario(hours=2, per_hour=3000, seed=16, STREAMAGG_PARTITIONS="2")
+    counts = dict(zip(source_topics(world.settings), (6, 3, 5, 2), strict=True))
+    changelog = f"{world.settings.app_id}-{TABLE_NAME}-changelog"
+    admin = KafkaAdminClient(bootstrap_servers=world.settings.kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(name, n, 1) for name, n in [*counts.items(), (changelog, 2)]])
+    finally:
+        admin.close()
+    world.produce()
+    oracle = world.oracle()
+    world.start_worker()
+    wait_for("hour rows to match the oracle's counts", counts_match(world, oracle), world.workers)
+    assert_equal_to_oracle(world, oracle)
+    assert_rollups_equal_oracle(world, oracle)
+    assert existing_partitions(world.settings, [changelog]) == {changelog: 6}
+    assert existing_partitions(world.settings, list(counts)) == counts  # source topics as they were
 
 
 def test_a_bad_message_too_large_to_send_again_is_dead_lettered_cut(scenario: Callable[..., Scenario]) -> None:
