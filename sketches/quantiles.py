@@ -172,13 +172,17 @@ class Sketch:
     __slots__ = ("kind", "_impl", "_values", "_listed_max", "_ceiling")
 
     def __init__(self, kind: str | Kind, _impl: object | None = None) -> None:
-        self.kind = kind if isinstance(kind, Kind) else Kind.parse(kind)
-        self._impl = _impl
-        self._values: list[float] | None = [] if _impl is None else None
-        self._listed_max = _listed_max(self.kind)
+        self._become(kind if isinstance(kind, Kind) else Kind.parse(kind), _impl)
+
+    def _become(self, kind: Kind, impl: object | None = None) -> None:
+        """An empty sketch of ``kind`` (listed), or the library object ``impl`` of that kind."""
+        self.kind = kind
+        self._impl = impl
+        self._values: list[float] | None = [] if impl is None else None
+        self._listed_max = _listed_max(kind)
         # REQ stores float32: a larger finite value would become inf, and quantiles around it
         # NaN. It is stored as float32's largest value instead (sum, min and max stay exact).
-        self._ceiling = math.inf if self.kind.family == "kll" else _FLOAT32_MAX
+        self._ceiling = math.inf if kind.family == "kll" else _FLOAT32_MAX
 
     @staticmethod
     def _new_impl(kind: Kind, values: Sequence[float] = ()) -> Any:
@@ -234,13 +238,36 @@ class Sketch:
                 update(value)
 
     def merge(self, other: Sketch) -> None:
-        """Fold ``other`` in; a listed ``other`` adds its values, in order."""
+        """Fold ``other`` in; a listed ``other`` adds its values, in order.
+
+        Sketches of different kinds never merge (CONTRACT section 4), but an exact one is its
+        values (every one retained): those are added as if ingested under the other kind, which
+        is how a key spanning a change of STREAMAGG_SKETCH_KIND(S) still gets one row. The result
+        takes the kind of the one that is not exact; with both exact, this one's. Two of
+        different kinds past exact mode raise :class:`SketchKindMismatch`."""
         if other.kind != self.kind:
-            raise SketchKindMismatch(str(self.kind), str(other.kind))
+            if other.is_exact:
+                self.update_many(other.exact_values())
+                return
+            if not self.is_exact:
+                raise SketchKindMismatch(str(self.kind), str(other.kind))
+            values = self.exact_values()
+            self._become(other.kind)
+            self.update_many(values)
         if other._values is not None:
             self._add(other._values)  # a sketch's values are within range already
         else:
             self._materialise().merge(other._impl)
+
+    def exact_values(self) -> list[float]:
+        """Every value of an exact sketch, in the order they were stored (for REQ, as the float32
+        it stores unless still listed); :class:`SketchError` past exact mode."""
+        if self._values is not None:
+            return list(self._values)
+        if not self.is_exact:
+            raise SketchError(f"a {self.kind} sketch past exact mode does not hold its values")
+        # Newest first, like deserialize's; an empty REQ sketch is not iterated (it crashes).
+        return [item for item, _ in self._impl][::-1] if self.n else []  # type: ignore[attr-defined]
 
     # -- reading ---------------------------------------------------------------------------
     @property

@@ -126,17 +126,16 @@ class Agg:
     def merge(self, other: Agg) -> None:
         if (self.sketch is None) != (other.sketch is None):
             raise StateError("cannot merge a count aggregate with a full one")
+        if self.sketch is not None and other.sketch is not None:
+            try:  # first: a refused merge leaves this aggregate as it was
+                self.sketch.merge(other.sketch)
+            except SketchError as exc:
+                raise StateError(f"cannot merge aggregates: {exc}") from exc
+            self.total = exact.add(self.total, other.total)
+            self.min = min(self.min, other.min)
+            self.max = max(self.max, other.max)
+            self.fingerprint = exact.combine_fingerprints(self.fingerprint, other.fingerprint)
         self.count += other.count
-        if self.sketch is None or other.sketch is None:
-            return
-        self.total = exact.add(self.total, other.total)
-        self.min = min(self.min, other.min)
-        self.max = max(self.max, other.max)
-        self.fingerprint = exact.combine_fingerprints(self.fingerprint, other.fingerprint)
-        try:
-            self.sketch.merge(other.sketch)
-        except SketchError as exc:
-            raise StateError(f"cannot merge aggregates: {exc}") from exc
 
     def empty_like(self) -> Agg:
         """An empty aggregate of the same kind (to merge copies into)."""
@@ -515,10 +514,15 @@ def roll_up(rows: Iterable[Row], granularity: Granularity) -> list[Row]:
 
 
 def roll_up_rows(
-    hours: Sequence[Row], wanted: Mapping[Granularity, Container[Key] | None]
+    hours: Sequence[Row],
+    wanted: Mapping[Granularity, Container[Key] | None],
+    unmerged: list[tuple[Granularity, Key]] | None = None,
 ) -> dict[Granularity, list[Row]]:
     """The rows of each wanted granularity (only the given bucket keys; None: every one) from
     rows given in time order, merged in that order into a fresh aggregate per bucket.
+
+    Rows whose sketches do not merge (two kinds past exact mode) raise :class:`StateError`, or,
+    given ``unmerged``, have their bucket's granularity and key put there and make no row.
 
     A bucket of one row is that row under the bucket's key: nothing to merge. A bucket of the
     same rows as one of another granularity (a week whose hours lie in one day) is that bucket's
@@ -550,7 +554,13 @@ def roll_up_rows(
                 if len(run) == 1:
                     source = hours[run[0]]
                 else:
-                    source = Agg.merged([agg_of(i) for i in run]).to_row(key, granularity)
+                    try:
+                        source = Agg.merged([agg_of(i) for i in run]).to_row(key, granularity)
+                    except StateError:
+                        if unmerged is None:
+                            raise
+                        unmerged.append((granularity, key))
+                        continue
                 made[run] = source
             rolled.append(_moved(source, key[0], granularity))
     return out

@@ -604,6 +604,7 @@ class Runtime:
                 all_written = False
                 continue
             self.telemetry.rows_written.labels("hour").inc(result.inserted + result.updated)
+            self.telemetry.errors.labels("flush").inc(result.unmerged)
             self._inserted_since_analyze += result.inserted
             now_ms = time.time() * 1000
             for item in owned:
@@ -631,6 +632,7 @@ class Runtime:
     def _count_rollups(self, results: Mapping[str, WriteResult]) -> None:
         for granularity, result in results.items():
             self.telemetry.rows_written.labels(granularity).inc(result.inserted + result.updated)
+            self.telemetry.errors.labels("rollup").inc(result.unmerged)
 
     def _failed(self, stage: str, exc: StreamaggError) -> None:
         """Count a failed stage. The backoff grows once per flush attempt, however many of its

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from .aggregate import Agg, Row
 from .buckets import DAY_MS, GRANULARITIES, HOUR_MS, WEEK_MS, Granularity, bucket_end_ms, bucket_start_ms, rfc3339
 from .catalogue import METRICS_BY_NAME
-from .errors import StreamaggError
+from .errors import StateError, StreamaggError
 from .settings import Settings
 from .store import RowKey, Store
 
@@ -208,7 +208,8 @@ def _finite(value: float | None) -> float | None:
 
 def merge_rows(rows: Iterable[Row], granularity: QueryGranularity) -> list[QueryRow]:
     """One result per series and bucket of ``granularity`` (per series for total), sorted by
-    bucket then dimension value. Rows of different sketch kinds raise :class:`MixedSketchKinds`."""
+    bucket then dimension value. Rows of different sketch kinds past exact mode raise
+    :class:`MixedSketchKinds`."""
     merged: dict[_ResultKey, tuple[Agg, Row]] = {}
     for row in rows:
         bucket = None if granularity == "total" else bucket_start_ms(row.bucket_ms, granularity)
@@ -218,14 +219,16 @@ def merge_rows(rows: Iterable[Row], granularity: QueryGranularity) -> list[Query
             merged[key] = (agg, row)
             continue
         into, first = merged[key]
-        if row.sketch_kind != first.sketch_kind:
+        try:
+            into.merge(agg)  # another kind's exact sketch merges as its values (Sketch.merge)
+        except StateError:
             series = "(all)" if row.dimension_type is None else f"{row.dimension_type}={row.dimension_value}"
             raise MixedSketchKinds(
                 f"{row.metric_name} {series}: the {first.granularity} row of "
                 f"{rfc3339(first.bucket_ms)} has sketch kind {first.sketch_kind}, the {row.granularity} row of "
-                f"{rfc3339(row.bucket_ms)} {row.sketch_kind}; sketches of different kinds never merge"
-            )
-        into.merge(agg)
+                f"{rfc3339(row.bucket_ms)} {row.sketch_kind}, both past exact mode; sketches of different kinds "
+                "never merge (a backfill of those hours under one kind rebuilds them)"
+            ) from None
     ordered = sorted(merged, key=lambda k: (k[0] if k[0] is not None else 0, k[1], k[2] or "", k[3] or ""))
     return [_result(key, merged[key][0]) for key in ordered]
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from .aggregate import Key, roll_up_rows
 from .buckets import DAY_MS, WEEK_MS, Granularity, bucket_end_ms, bucket_start_ms, rfc3339
 from .lanes import in_lanes
-from .store import Series, Store, WriteResult, series_lock_id
+from .store import Series, Store, WriteResult, series_lock_id, warn_unmerged
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,17 @@ async def rollup_keys(
             days = {key[0] for key in wanted["day"]} if "week" not in granularities else ()
             start, end = (min(days), max(days) + DAY_MS) if days else (week, bucket_end_ms(week, "week"))
             written: dict[Granularity, WriteResult] = {}
+            unmerged: list[tuple[Granularity, Key]] = []
             async with store.rolling_up(batch) as conn:
                 hours = await store.fetch_hour_rows_of(start, end, batch, conn)
-                rolled = roll_up_rows(hours, {granularity: wanted[granularity] for granularity in granularities})
+                rolled = roll_up_rows(hours, {granularity: wanted[granularity] for granularity in granularities}, unmerged)
                 for granularity in granularities:
                     rows = sorted(rolled[granularity], key=lambda row: repr(row.key))
                     written[granularity] = await store.upsert_rows(rows, conn)
-                    empty = sorted(wanted[granularity] - {row.key for row in rows}, key=repr)
+                    left = [key for of, key in unmerged if of == granularity]  # as they were
+                    written[granularity] += WriteResult(unmerged=len(left))
+                    warn_unmerged(granularity, left)
+                    empty = sorted(wanted[granularity] - {row.key for row in rows} - set(left), key=repr)
                     if empty:  # never for a flush, which writes hours; a backfill may have removed some
                         deleted = await store.delete_rollups_without_hours(granularity, empty, conn)
                         written[granularity] += WriteResult(deleted=deleted)

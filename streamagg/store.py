@@ -26,8 +26,8 @@ import orjson
 
 from . import exact
 from .aggregate import Agg, Key, Row
-from .buckets import Granularity, to_datetime, to_ms, width_ms
-from .errors import StreamaggError
+from .buckets import Granularity, rfc3339, to_datetime, to_ms, width_ms
+from .errors import StateError, StreamaggError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class WriteResult:
     updated: int = 0
     unchanged: int = 0
     deleted: int = 0
+    unmerged: int = 0  # rows left as they were: their parts hold sketches of two kinds past exact mode
 
     def __add__(self, other: WriteResult) -> WriteResult:
         return WriteResult(
@@ -81,6 +82,7 @@ class WriteResult:
             self.updated + other.updated,
             self.unchanged + other.unchanged,
             self.deleted + other.deleted,
+            self.unmerged + other.unmerged,
         )
 
 
@@ -524,9 +526,17 @@ class Store:
                 continue
             key = _record_key(record)
             others.setdefault(key, []).append((record["source_partition"], _agg_from_partial(record, key)))
-        rows = {key: _final_row(key, own.get(key, {}), others.get(key, [])) for key in keys}
+        rows: dict[Key, Row | None] = {}
+        unmerged: list[Key] = []
+        for key in keys:
+            try:
+                rows[key] = _final_row(key, own.get(key, {}), others.get(key, []))
+            except StateError:  # partials of two sketch kinds: the row stays as it is
+                unmerged.append(key)
+        warn_unmerged("hour", unmerged)
         result = await self.upsert_rows([row for row in rows.values() if row is not None], conn)
-        gone = sorted((key for key in may_vanish if rows[key] is None), key=repr)
+        result += WriteResult(unmerged=len(unmerged))
+        gone = sorted((key for key in may_vanish if key in rows and rows[key] is None), key=repr)
         if gone:
             status = await conn.execute(_DELETE_HOUR_ROWS, *_key_columns(gone))
             result += WriteResult(deleted=int(status.split()[-1]))
@@ -724,6 +734,17 @@ class Store:
         """Run one statement (tests and maintenance)."""
         async with self._pool.acquire() as conn:
             return await conn.execute(sql, *args)
+
+
+def warn_unmerged(granularity: Granularity, keys: Sequence[Key]) -> None:
+    """One line for the rows a write left as they were because their parts hold sketches of two
+    kinds, both past exact mode (STREAMAGG_SKETCH_KIND(S) changed while they were filling)."""
+    if keys:
+        log.warning(
+            "%d %s rows left as they were: their parts hold sketches of different kinds past exact mode, which "
+            "never merge (first: %s); a backfill of their hours under one kind rebuilds them",
+            len(keys), granularity, f"{rfc3339(keys[0][0])} {keys[0][1]} {keys[0][2]}={keys[0][3]}",
+        )  # fmt: skip
 
 
 def _record_key(record: asyncpg.Record) -> Key:

@@ -21,7 +21,7 @@ from .events import Reason
 
 NAMESPACE = "observability"
 # Stages of observability_aggregation_errors_total (app.py): a batch that raised, the database
-# (connect, flush, rollup), offsets the consumer skipped and that were read again, and every
+# (connect, flush, rollup; also rows left as they were because their sketches do not merge), offsets the consumer skipped and that were read again, and every
 # error the Kafka client logged (an unreachable broker: streamagg.logs).
 ERROR_STAGES = ("process", "connect", "flush", "rollup", "skipped_offset", "kafka")
 
@@ -64,7 +64,7 @@ class Telemetry:
             "aggregation_last_success", "Unix time of the last successful flush to PostgreSQL", namespace=ns, registry=r
         )
         self.errors = Counter(
-            "aggregation_errors", "Errors by stage (flush, checkpoint, deadletter, ...)", ["stage"], namespace=ns, registry=r
+            "aggregation_errors", f"Errors by stage ({', '.join(ERROR_STAGES)})", ["stage"], namespace=ns, registry=r
         )
         self.events_consumed = Counter("events_consumed", "Events read, by topic", ["topic"], namespace=ns, registry=r)
         self.events_rejected = Counter(

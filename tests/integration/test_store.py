@@ -136,6 +136,38 @@ def test_partials_from_partitions_merge_to_the_oracle(database: str) -> None:
     asyncio.run(run())
 
 
+def test_partials_of_two_sketch_kinds_merge_unless_both_are_past_exact_mode(database: str) -> None:
+    """Partition 0 wrote under req-hra-k128; partition 1 then writes under kll-k200 (the setting
+    changed): every key whose partials are exact on one side gets the merged final row; a key past
+    exact mode on both keeps its row from partition 0 and is counted, and the rest is written."""
+    events = make_events(hours=1, per_hour=12_000, seed=24)
+    old, new = AggregateState(kinds("req-hra-k128"), 10_000), AggregateState(kinds("kll-k200"), 10_000)
+    old.ingest(events[0::2])
+    new.ingest(events[1::2])
+    oracle = exact_hours(events)
+    def estimating(state: AggregateState) -> set:
+        return {key for key, agg in state.items() if agg.sketch is not None and not agg.sketch.is_exact}
+
+    both_past = estimating(old) & estimating(new)
+    assert both_past and len(both_past) < len(oracle) / 10
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.write_partials(0, list(old.items()))
+            first = {row.key: row for row in await store.fetch_rows("hour", START_MS, START_MS + HOUR_MS)}
+            result = await store.write_partials(1, list(new.items()))
+            assert result.unmerged == len(both_past)
+            rows = {row.key: row for row in await store.fetch_rows("hour", START_MS, START_MS + HOUR_MS)}
+            assert set(rows) == set(oracle)
+            for key, exact in oracle.items():
+                if key in both_past:
+                    assert rows[key] == first[key]
+                else:
+                    assert_row_matches(rows[key], exact)
+
+    asyncio.run(run())
+
+
 def _rollup_by_function(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int, int]:
     async def run() -> WriteResult:
         async with await open_store(database) as store:

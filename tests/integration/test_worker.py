@@ -3,6 +3,7 @@ late events re-flush, SIGKILL and two workers end with the oracle's rows."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import asyncpg
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
@@ -29,6 +31,7 @@ from tests.integration.harness import (
     metric,
     wait_for,
 )
+from tests.unit.test_aggregate import assert_row_matches
 
 
 def test_rows_equal_the_oracle_and_replay_changes_nothing(scenario: Callable[..., Scenario]) -> None:
@@ -199,6 +202,57 @@ def test_source_topics_made_with_other_partition_counts(scenario: Callable[..., 
     assert_rollups_equal_oracle(world, oracle)
     assert existing_partitions(world.settings, [changelog]) == {changelog: 6}
     assert existing_partitions(world.settings, list(counts)) == counts  # source topics as they were
+
+
+def queued_rollups(world: Scenario) -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(world.settings.database_url.get_secret_value())
+        try:
+            return await conn.fetchval("SELECT count(*) FROM observability.metrics_rollup_queue")
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+def test_a_changed_sketch_kind_neither_stops_the_worker_nor_merges_kinds(scenario: Callable[..., Scenario]) -> None:
+    """An hour flushed under the default kind, the next under kll-k200 (one day): day and week
+    rows whose hours are exact on one side are their merge, equal to the oracle; the busy series,
+    past exact mode under both kinds, keep their last rows, counted as rollup errors, and the
+    worker keeps running (it crashed, and again at every start, on the owed roll-up)."""
+    world = scenario(hours=1, per_hour=4000, seed=17)
+    world.start_ms = bucket_start_ms(int(time.time() * 1000), "day") - 24 * HOUR_MS + 10 * HOUR_MS  # yesterday 10:00
+    world.produce()
+    first = world.oracle()
+    world.start_worker()
+    wait_for("the first hour's rows", counts_match(world, first), world.workers)
+    assert_rollups_equal_oracle(world, first)
+    world.stop_all()
+    before = {granularity: world.rows(granularity) for granularity in ("day", "week")}
+
+    later = Scenario(world.env, world.settings, world.start_ms + HOUR_MS, 1, 4000, 18)
+    later.produce()
+    both = {**first, **later.oracle()}
+    worker, port = world.start_worker(extra_env={"STREAMAGG_SKETCH_KIND": "kll-k200"})
+    wait_for("both hours' rows", counts_match(world, both), world.workers)
+    assert_equal_to_oracle(world, both)
+    wait_for("the roll-ups of the second hour", lambda: not queued_rollups(world), world.workers)
+    assert (metric(port, "observability_aggregation_errors_total", '{stage="rollup"}') or 0) > 0
+    hours = world.rows("hour")
+    for granularity in ("day", "week"):
+        expected = exact_rollup(both, granularity)
+        rows, merged, kept = world.rows(granularity), 0, 0
+        assert rows.keys() == expected.keys()
+        for key, row in rows.items():
+            kinds = {r.sketch_kind for k, r in hours.items() if k[1:] == key[1:]}
+            if row.count == expected[key][0].count:
+                assert_row_matches(row, expected[key][0], expected_sum=expected[key][1])
+                merged += kinds == {"req-hra-k128", "kll-k200"}
+            else:  # both sides past exact mode: as it was after the first hour
+                assert row == before[granularity][key] and kinds == {"req-hra-k128", "kll-k200"}
+                kept += 1
+        assert merged > 100 and 0 < kept < 50, (merged, kept)
+    assert worker.poll() is None
 
 
 def test_a_bad_message_too_large_to_send_again_is_dead_lettered_cut(scenario: Callable[..., Scenario]) -> None:

@@ -352,12 +352,42 @@ def test_merge_is_associative_hours_days_week() -> None:
             assert_row_matches(other, oracle[key][0], expected_sum=other.sum_value)
 
 
-def test_rollup_refuses_mixed_kinds() -> None:
-    events = make_events(hours=1, per_hour=50, seed=2)
-    a = [r for r in ingest(events, batch=50, kind="req-hra-k24").rows() if r.metric_name == "trace.duration_ms"]
-    b = [r for r in ingest(events, batch=50, kind="kll-k200").rows() if r.metric_name == "trace.duration_ms"]
+def test_hours_of_two_sketch_kinds_roll_up_while_one_side_is_exact() -> None:
+    """Hour 0 under one kind, hour 1 under another (STREAMAGG_SKETCH_KIND changed between them):
+    a day whose rows are exact on at least one side is their merge and equals the oracle; two
+    sides past exact mode never merge: an error, or, given a list, no row and its key listed."""
+    events = make_events(hours=2, per_hour=4000, seed=2)
+    first = [e for e in events if e.time_ms < START_MS + HOUR_MS]
+    second = [e for e in events if e.time_ms >= START_MS + HOUR_MS]
+    hours = ingest(first, batch=500, kind="req-hra-k24").rows() + ingest(second, batch=500, kind="kll-k200").rows()
+    full = [r for r in hours if METRICS_BY_NAME[r.metric_name].is_full]
     with pytest.raises(StateError):
-        roll_up(a + b, "day")
+        roll_up(full, "day")
+    unmerged: list = []
+    days = {row.key: row for row in roll_up_rows(sorted(full, key=lambda r: r.bucket_ms), {"day": None}, unmerged)["day"]}
+    oracle = exact_rollup(exact_hours(events), "day")
+    estimating = {r.key for r in full if not Sketch.deserialize(r.sketch_kind, r.sketch).is_exact}
+    busy = {("day", (bucket_start_ms(k[0], "day"), *k[1:])) for k in estimating if k[0] == START_MS} & {
+        ("day", (bucket_start_ms(k[0], "day"), *k[1:])) for k in estimating if k[0] == START_MS + HOUR_MS
+    }
+    assert busy and set(unmerged) == busy  # the global slice and the busiest ones
+    mixed = 0
+    for key, row in days.items():
+        assert ("day", key) not in busy
+        assert_row_matches(row, oracle[key][0], expected_sum=oracle[key][1])
+        mixed += {r.sketch_kind for r in full if (bucket_start_ms(r.bucket_ms, "day"), *r.key[1:]) == key} == {"req-hra-k24", "kll-k200"}
+    assert mixed > 100  # most series of the day have rows of both kinds, merged
+
+
+def test_a_refused_merge_leaves_the_aggregate_as_it_was() -> None:
+    a, b = Agg(Kind.parse("req-hra-k24")), Agg(Kind.parse("kll-k200"))
+    for i in range(3000):
+        a.add(float(i), i)
+        b.add(float(i) / 2, i)
+    before = (a.count, a.total, a.min, a.max, a.fingerprint, a.sketch.n)
+    with pytest.raises(StateError):
+        a.merge(b)
+    assert (a.count, a.total, a.min, a.max, a.fingerprint, a.sketch.n) == before
 
 
 def test_agg_bytes_round_trip_and_corruption() -> None:

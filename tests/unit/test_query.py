@@ -244,13 +244,16 @@ def test_results_per_bucket_and_series_sorted() -> None:
         assert (result.sum, result.min, result.max, result.avg, result.p50, result.p95, result.p99) == (None,) * 7
 
 
-def test_rows_of_different_sketch_kinds_never_merge() -> None:
-    def global_duration(kind: str, start: int) -> Row:
-        rows = hour_rows(1, 200, start, kind)
+def test_rows_of_different_sketch_kinds_merge_only_as_the_values_of_an_exact_one() -> None:
+    def global_duration(kind: str, start: int, events: int) -> Row:
+        rows = hour_rows(1, events, start, kind)
         return next(r for r in rows if r.metric_name == "trace.duration_ms" and r.dimension_type is None)
 
-    with pytest.raises(MixedSketchKinds, match="req-hra-k64.*kll-k200"):
-        merge_rows([global_duration("req-hra-k64", at(26)), global_duration("kll-k200", at(26, 1))], "total")
+    busy, quiet = global_duration("req-hra-k64", at(26), 20_000), global_duration("kll-k200", at(26, 1), 200)
+    (total,) = merge_rows([busy, quiet], "total")
+    assert total.count == busy.count + quiet.count and total.max == max(busy.max_value, quiet.max_value)
+    with pytest.raises(MixedSketchKinds, match="req-hra-k64.*kll-k200, both past exact mode"):
+        merge_rows([busy, global_duration("kll-k200", at(26, 1), 20_000)], "total")
 
 
 def test_json_object_has_exactly_the_contract_keys() -> None:

@@ -8,7 +8,7 @@ import datasketches
 import numpy as np
 import pytest
 
-from sketches import CorruptSketchError, Kind, Sketch, SketchKindError, SketchKindMismatch, sniff_kind
+from sketches import CorruptSketchError, Kind, Sketch, SketchError, SketchKindError, SketchKindMismatch, sniff_kind
 from sketches.quantiles import LAZY_MAX
 from streamagg.settings import Settings
 from streamagg.oracle import percentile_cont
@@ -122,12 +122,51 @@ def test_default_kind_within_one_percent_of_value() -> None:
     assert errors.max() < 0.01, errors
 
 
-def test_merge_refuses_other_kinds() -> None:
-    a, b = Sketch("req-hra-k24"), Sketch("req-hra-k12")
+def _of(kind: str, values: list[float]) -> Sketch:
+    sketch = Sketch(kind)
+    sketch.update_many(values)
+    return sketch
+
+
+@pytest.mark.parametrize(("mine", "other"), [("req-hra-k24", "req-hra-k12"), ("kll-k200", "req-hra-k24"), ("req-hra-k128", "kll-k200")])
+def test_other_kinds_merge_only_as_the_values_of_an_exact_one(mine: str, other: str) -> None:
+    """Sketches of two kinds never merge; an exact one is its values, added as if ingested under
+    the other kind (the result is byte for byte that sketch). Past exact mode, both refuse."""
+    rng = np.random.default_rng(4)
+    few, many, more = (rng.lognormal(5, 1, n).tolist() for n in (5, 3000, 2500))
+    stored = lambda kind, values: Sketch.deserialize(kind, _of(kind, values).serialize()).exact_values()  # noqa: E731
+    # An exact other's values join an estimating sketch, which keeps its kind.
+    a = _of(mine, many)
+    a.merge(_of(other, few))
+    assert a.kind == Kind.parse(mine) and a.n == 3005
+    # An exact sketch merged with an estimating one of another kind takes that kind.
+    b = _of(mine, few)
+    b.merge(_of(other, many))
+    assert b.kind == Kind.parse(other) and b.n == 3005
+    # Both exact: this one's kind, the other's values as it stored them (float32 for REQ).
+    c = _of(mine, few[:3])
+    c.merge(Sketch.deserialize(other, _of(other, few[3:]).serialize()))
+    assert c.serialize() == _of(mine, few[:3] + stored(other, few[3:])).serialize()
+    assert c.exact_values() == few[:3] + stored(other, few[3:])
+    d = _of(mine, many)
     with pytest.raises(SketchKindMismatch):
-        a.merge(b)
-    with pytest.raises(SketchKindMismatch):
-        Sketch("kll-k200").merge(Sketch("req-hra-k24"))
+        d.merge(_of(other, more))
+    assert d.kind == Kind.parse(mine) and d.n == len(many)  # refused: unchanged
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_values_in_stored_order_then_refused_past_exact_mode(kind: str) -> None:
+    sketch = Sketch(kind)
+    assert sketch.exact_values() == []
+    values = np.random.default_rng(9).lognormal(5, 1, 40).tolist()
+    sketch.update_many(values)  # past the list, still exact for every kind here
+    assert sketch.is_exact
+    as_stored = values if kind.startswith("kll") else np.asarray(values, dtype=np.float32).tolist()
+    assert sketch.exact_values() == as_stored
+    assert Sketch.deserialize(kind, sketch.serialize()).exact_values() == as_stored
+    sketch.update_many(np.random.default_rng(10).lognormal(5, 1, 5000))
+    with pytest.raises(SketchError):
+        sketch.exact_values()
 
 
 def test_merge_of_exact_sketches_stays_exact() -> None:
