@@ -49,8 +49,13 @@ class DeadLetter:
     reason: Reason
     detail: str
 
-    def value(self) -> bytes:
-        return (self.message.value or b"")[:MAX_DEAD_LETTER_VALUE]
+    def value(self) -> bytes | None:
+        """The message's value, cut past MAX_DEAD_LETTER_VALUE. A null value (a tombstone) stays
+        null, unless the key is null too: the client sends no record with neither (b"" then)."""
+        value = self.message.value
+        if value is None:
+            return None if self.message.key is not None else b""
+        return value[:MAX_DEAD_LETTER_VALUE]
 
     def headers(self) -> list[tuple[str, bytes]]:
         headers = [

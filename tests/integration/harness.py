@@ -59,10 +59,10 @@ class Scenario:
         ]
         return exact_hours(events)
 
-    def send_raw(self, topic: str, values: list[bytes]) -> None:
+    def send_raw(self, topic: str, values: list[bytes | None]) -> None:
         producer = KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap)
         for value in values:
-            producer.send(self.settings.topic(topic), value)
+            producer.send(self.settings.topic(topic), value, key=None if value is not None else b"k")
         producer.flush()
         producer.close()
 

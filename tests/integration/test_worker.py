@@ -67,11 +67,11 @@ def test_bad_and_late_events(scenario: Callable[..., Scenario]) -> None:
     unstorable = {"trace_id": "u", "operation_type": "chat", "started_at": world.start_ms, "duration_ms": 5, "status": "success"}
     bad += [json.dumps({**unstorable, "user_id": "a\x00b"}).encode(), json.dumps({**unstorable, "kb_id": "\ud800"}).encode()]
     bad.append(json.dumps({**unstorable, "started_at": "2099-01-01T00:00:00Z"}).encode())  # far ahead of its record
-    world.send_raw("traces", bad)
+    world.send_raw("traces", [*bad, None])  # a null value too (a tombstone): dead-lettered as null
     _, port = world.start_worker()
     wait_for("hour rows", counts_match(world, oracle), world.workers)
     assert_equal_to_oracle(world, oracle)  # bad events moved no aggregate
-    for reason, count in (("invalid_json", 1), ("not_an_object", 1), ("missing_field", 1), ("invalid_number", 1), ("invalid_text", 2),
+    for reason, count in (("invalid_json", 2), ("not_an_object", 1), ("missing_field", 1), ("invalid_number", 1), ("invalid_text", 2),
                           ("invalid_timestamp", 1)):
         assert metric(port, "observability_events_rejected_total", f'{{reason="{reason}"}}') == count
 
@@ -103,15 +103,16 @@ def test_bad_and_late_events(scenario: Callable[..., Scenario]) -> None:
     consumer.seek_to_beginning(*parts)
     letters: list = []
     deadline = time.monotonic() + 30
-    while len(letters) < 8 and time.monotonic() < deadline:
+    while len(letters) < 9 and time.monotonic() < deadline:
         for records in consumer.poll(timeout_ms=500).values():
             letters.extend(records)
     consumer.close()
     reasons = sorted(dict(r.headers)["reason"].decode() for r in letters)
-    assert reasons == ["invalid_json", "invalid_number", "invalid_text", "invalid_text", "invalid_timestamp", "missing_field",
+    assert reasons == ["invalid_json", "invalid_json", "invalid_number", "invalid_text", "invalid_text", "invalid_timestamp", "missing_field",
                        "not_an_object", "too_late"]
-    by_reason = {dict(r.headers)["reason"].decode(): r for r in letters}
+    by_reason = {dict(r.headers)["reason"].decode(): r for r in letters if r.value is not None}
     assert by_reason["invalid_json"].value == b"not json"  # unchanged
+    assert [dict(r.headers)["reason"] for r in letters if r.value is None] == [b"invalid_json"]  # null, as it came
     assert dict(by_reason["too_late"].headers)["source_topic"] == world.settings.topic("traces").encode()
     assert json.loads(by_reason["too_late"].value)["trace_id"] == "late-2"
 

@@ -12,6 +12,7 @@ import pytest
 from streamagg.buckets import bucket_start_ms, to_datetime, width_ms
 from streamagg.events import EVENT_KINDS, SCHEMAS, Reason, Rejected, decode, parse_json, parse_json_reference, validate
 from streamagg.synth import Synth
+from streamagg.pipeline import MAX_DEAD_LETTER_VALUE, DeadLetter, RawMessage
 
 TRACE = {
     "trace_id": "t1",
@@ -292,3 +293,17 @@ def test_an_event_further_ahead_of_its_kafka_record_than_the_lateness_is_rejecte
         decode("traces", raw, at - lateness - 1, lateness)
     assert info.value.reason is Reason.INVALID_TIMESTAMP and "ahead of its Kafka record" in info.value.detail
     assert decode("traces", raw).time_ms == decode("traces", raw, -1, lateness).time_ms == at  # no record timestamp
+
+
+def test_a_dead_letter_carries_the_value_as_it_came() -> None:
+    """Unchanged (CONTRACT section 2), a tombstone's null included; cut past the size a broker
+    takes, with the size in a header; b"" only for a record with neither key nor value, which
+    the client cannot send."""
+    def letter(value: bytes | None, key: bytes | None = b"k") -> DeadLetter:
+        return DeadLetter(RawMessage("t", 1, 7, value, key=key), Reason.INVALID_JSON, "")
+
+    assert letter(b"not json").value() == b"not json"
+    assert letter(None).value() is None and letter(None, key=None).value() == b""
+    big = letter(b"x" * (MAX_DEAD_LETTER_VALUE + 5))
+    assert big.value() == b"x" * MAX_DEAD_LETTER_VALUE
+    assert (("truncated_from", str(MAX_DEAD_LETTER_VALUE + 5).encode())) in big.headers()
