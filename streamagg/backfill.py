@@ -416,6 +416,7 @@ async def backfill(
     try:
         await consumer.start()
     except KafkaError as exc:
+        await consumer.stop()  # else asyncio reports it unclosed, two more lines under the error
         raise BackfillError(f"kafka at {settings.kafka_bootstrap} is unreachable: {exc}", retriable=True) from exc
     try:
         facts = await _partition_facts(consumer, settings, topics, requested, max_lateness_ms)

@@ -79,6 +79,19 @@ class Settings(BaseSettings):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"{server!r} is not host:port")
+            if not 0 < int(port) <= 65535:
+                raise ValueError(f"{server!r}: the port must be a number from 1 to 65535")
+        return value
+
+    @field_validator("topic_prefix", "app_id")
+    @classmethod
+    def _topic_name_part(cls, value: str) -> str:
+        """Both go into topic names (the app id into its changelog's), which Kafka limits to 249
+        characters of ASCII letters, digits, '.', '_' and '-'."""
+        if not re.fullmatch(r"[A-Za-z0-9._-]*", value):
+            raise ValueError(f"{value!r} may hold only ASCII letters, digits, '.', '_' and '-' (it names topics)")
+        if len(value) > 200:
+            raise ValueError("longer than 200 characters: the topic names it makes would pass Kafka's 249")
         return value
 
     @field_validator("database_url")

@@ -60,6 +60,13 @@ def test_malformed_settings_are_one_line_errors(monkeypatch: pytest.MonkeyPatch)
         load_settings({"sketch_kinds": "notjson"})  # the flag
     with pytest.raises(ConfigError, match="^STREAMAGG_DATABASE_URL: .*port must be a number"):
         load_settings({"database_url": "postgresql://app@db1:5432,db2:notaport/metrics"})
+    # Accepted before, failing only later: a port past 65535, topic names Kafka refuses.
+    with pytest.raises(ConfigError, match="^STREAMAGG_KAFKA_BOOTSTRAP: .*'h:99999': the port must be a number from 1"):
+        load_settings({"kafka_bootstrap": "k:9092,h:99999"})
+    for name, value in (("topic_prefix", "bad prefix/"), ("app_id", "a:b"), ("topic_prefix", "x" * 201)):
+        with pytest.raises(ConfigError, match=f"^STREAMAGG_{name.upper()}: .*(only ASCII letters|200 characters)"):
+            load_settings({name: value})
+    assert load_settings({"topic_prefix": "", "app_id": "Team_A-1.v2"}).topic("traces") == "traces"
 
 
 def test_the_flags_of_structured_and_multi_host_settings_read_as_their_variables(monkeypatch: pytest.MonkeyPatch) -> None:
