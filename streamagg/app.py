@@ -53,7 +53,7 @@ from .settings import Settings
 from .state import PartitionState, collect_less_often, decode_key
 from .store import Store, StoreError, WriteResult, key_lock_id
 from .telemetry import Progress, Telemetry, serve
-from .topics import TopicError, deadletter_topic, ensure_partitions, ensure_topics, source_topics
+from .topics import TopicError, deadletter_topic, ensure_topics, source_topics
 
 log = logging.getLogger(__name__)
 
@@ -681,6 +681,11 @@ class Runtime:
             self._store = None
 
 
+def changelog_topic(settings: Settings) -> str:
+    """The table's changelog, as Faust names it (build_app checks), known before the app is built."""
+    return f"{settings.app_id}-{TABLE_NAME}-changelog"
+
+
 def build_app(
     settings: Settings, telemetry: Telemetry, datadir: Path, partitions: int | None = None
 ) -> tuple[faust.App, Runtime]:
@@ -712,6 +717,7 @@ def build_app(
         timezone=UTC,
     )
     runtime = Runtime(settings, telemetry, app, partitions)
+    assert runtime.table.changelog_topic.get_topic_name() == changelog_topic(settings), "Faust named it otherwise"
     # Subscribed through the Conductor like an agent's topic; consumed by _BatchConsumer.
     sources = app.topic(
         *source_topics(settings),
@@ -842,8 +848,8 @@ class _Worker(faust.Worker):
 
 def run_worker(settings: Settings, verbose: int = 0) -> None:
     """`streamagg worker`: runs until SIGINT/SIGTERM; raises SystemExit with the exit status."""
-    counts = ensure_topics(settings)
     # Topics created before (by a producer, or with another STREAMAGG_PARTITIONS) keep their counts.
+    counts = ensure_topics(settings, changelog=changelog_topic(settings))
     partitions = max(counts[topic] for topic in source_topics(settings))
     registry = CollectorRegistry()
     telemetry = Telemetry(registry)
@@ -853,8 +859,6 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
     stop_limit = _StopLimit(datadir)
     try:
         app, runtime = build_app(settings, telemetry, datadir, partitions)
-        # A changelog made for fewer source partitions (a source topic has grown since) grows too.
-        ensure_partitions(settings, runtime.table.changelog_topic.get_topic_name(), partitions)
 
         @app.on_before_shutdown.connect
         async def limit_the_stop(sender: Any, **kwargs: Any) -> None:

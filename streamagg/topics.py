@@ -47,10 +47,13 @@ def existing_partitions(settings: Settings, names: list[str]) -> dict[str, int]:
         admin.close()
 
 
-def ensure_topics(settings: Settings, names: list[str] | None = None) -> dict[str, int]:
+def ensure_topics(settings: Settings, names: list[str] | None = None, changelog: str | None = None) -> dict[str, int]:
     """Create the source and dead letter topics (``STREAMAGG_PARTITIONS`` partitions) if missing.
 
     Returns each topic's partition count as it is on the broker (an existing topic keeps its own).
+    An existing ``changelog`` (the worker's, whose records go to the partition of their source
+    partition's number, never by key hash) with fewer partitions than a source topic grows to
+    as many; a missing one is left to Faust, which makes it.
     """
     wanted = names or [*source_topics(settings), deadletter_topic(settings)]
     admin = _admin(settings)
@@ -65,28 +68,17 @@ def ensure_topics(settings: Settings, names: list[str] | None = None) -> dict[st
                 )
             except TopicAlreadyExistsError:
                 pass  # another process created them first
-        described = admin.describe_topics(wanted)
-        return {topic["name"]: len(topic["partitions"]) for topic in described}
+        counts = {topic["name"]: len(topic["partitions"]) for topic in admin.describe_topics(wanted)}
+        if changelog is not None and changelog in existing:
+            needed = max(counts[topic] for topic in source_topics(settings))
+            (described,) = admin.describe_topics([changelog])
+            if len(described["partitions"]) < needed:
+                log.info("%s has %d partitions, the source topics up to %d: adding the missing ones",
+                         changelog, len(described["partitions"]), needed)  # fmt: skip
+                admin.create_partitions({changelog: NewPartitions(total_count=needed)})
+        return counts
     except KafkaError as exc:
         raise TopicError(f"cannot create topics on {settings.kafka_bootstrap}: {exc}") from exc
-    finally:
-        admin.close()
-
-
-def ensure_partitions(settings: Settings, topic: str, at_least: int) -> None:
-    """Give an existing ``topic`` at least ``at_least`` partitions (a missing one is left to its
-    creator). Only for topics whose records go to an explicit partition, never by key hash."""
-    admin = _admin(settings)
-    try:
-        if topic not in set(admin.list_topics()):
-            return
-        (described,) = admin.describe_topics([topic])
-        if len(described["partitions"]) < at_least:
-            log.info("%s has %d partitions, the source topics up to %d: adding the missing ones",
-                     topic, len(described["partitions"]), at_least)  # fmt: skip
-            admin.create_partitions({topic: NewPartitions(total_count=at_least)})
-    except KafkaError as exc:
-        raise TopicError(f"cannot add partitions to {topic} on {settings.kafka_bootstrap}: {exc}") from exc
     finally:
         admin.close()
 

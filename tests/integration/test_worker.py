@@ -19,7 +19,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
 from streamagg.aggregate import Row
-from streamagg.app import TABLE_NAME
+from streamagg.app import changelog_topic
 from streamagg.buckets import HOUR_MS, bucket_start_ms
 from streamagg.oracle import exact_rollup
 from streamagg.topics import existing_partitions, source_topics
@@ -189,7 +189,7 @@ def test_source_topics_made_with_other_partition_counts(scenario: Callable[..., 
     topic and the rows equal the oracle (before, a checkpoint for partition 2 crashed the worker)."""
     world = scenario(hours=2, per_hour=3000, seed=16, STREAMAGG_PARTITIONS="2")
     counts = dict(zip(source_topics(world.settings), (6, 3, 5, 2), strict=True))
-    changelog = f"{world.settings.app_id}-{TABLE_NAME}-changelog"
+    changelog = changelog_topic(world.settings)
     admin = KafkaAdminClient(bootstrap_servers=world.settings.kafka_bootstrap)
     try:
         admin.create_topics([NewTopic(name, n, 1) for name, n in [*counts.items(), (changelog, 2)]])
