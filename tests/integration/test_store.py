@@ -9,8 +9,10 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from importlib import resources
 
 import asyncpg
 import pytest
@@ -132,6 +134,33 @@ def test_partials_from_partitions_merge_to_the_oracle(database: str) -> None:
             rows = {row.key: row for row in await store.fetch_rows("hour", START_MS, START_MS + 2 * HOUR_MS)}
             for key, exact in oracle.items():
                 assert_row_matches(rows[key], exact)
+
+    asyncio.run(run())
+
+
+def test_an_extension_available_but_not_creatable_leaves_an_ordinary_table(database: str) -> None:
+    """003's guard, run as a role that may not create the extension it names: file_fdw, which
+    needs a superuser, standing in for a timescaledb missing from shared_preload_libraries (no
+    TimescaleDB here). A notice, no error: the migrations after it still run."""
+    sql = (resources.files("streamagg.migrations") / "003_hypertable.sql").read_text().replace("timescaledb", "file_fdw")
+    role = f"streamagg_not_super_{uuid.uuid4().hex[:8]}"
+
+    async def run() -> None:
+        admin = await asyncpg.connect(database)
+        try:
+            await admin.execute(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN")
+            user = await asyncpg.connect(database, user=role)
+            notices: list[str] = []
+            user.add_log_listener(lambda _, message: notices.append(message.message))
+            try:
+                await user.execute(sql)
+            finally:
+                await user.close()
+            assert any("file_fdw is available but cannot be created" in n for n in notices), notices
+            assert not await admin.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'file_fdw'")
+        finally:
+            await admin.execute(f"DROP ROLE IF EXISTS {role}")
+            await admin.close()
 
     asyncio.run(run())
 
