@@ -55,6 +55,10 @@ class DemoFailed(StreamaggError):
 
 
 def run_demo(settings: Settings, plan: DemoPlan, console: Console, err: Console) -> bool:
+    # SIGTERM and SIGHUP stop the demo as Ctrl-C does, through its clean-ups: its worker, a
+    # child in its process group, outlived a demo killed by them.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     settings = resolve_target(settings, err)
     run = uuid.uuid4().hex[:8]
     database = asyncio.run(fresh_database(settings, f"streamagg_demo_{run}"))
@@ -98,6 +102,7 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console, err: Console)
                 worker.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 worker.kill()
+                worker.wait()
     err.print(f"    all {len(expected['hour']):,} hour rows stored after {done['hour'] - started:.1f} s, every day and "
               f"week row rolled up from them after {max(done.values()) - started:.1f} s; worker stopped (exit {worker.returncode})")  # fmt: skip
 
@@ -128,9 +133,14 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console, err: Console)
     return ok
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def resolve_target(settings: Settings, err: Console) -> Settings:
-    configured = {"STREAMAGG_KAFKA_BOOTSTRAP", "STREAMAGG_DATABASE_URL"} & set(os.environ)
-    if configured:
+    """The configured Kafka and PostgreSQL (a variable or its flag; one alone, the other's
+    default), or the local stack when neither is."""
+    if {"kafka_bootstrap", "database_url"} & settings.model_fields_set:
         err.print(f"[bold]0.[/] using the configured Kafka {settings.kafka_bootstrap} and PostgreSQL {settings.redacted_dsn()}")
         return settings
     err.print(f"[bold]0.[/] no Kafka/PostgreSQL configured: starting the local stack in {settings.stack_dir} "
