@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -28,7 +29,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -41,6 +42,7 @@ DEFAULT_KAFKA_PORT = 9092
 DEFAULT_POSTGRES_PORT = 5432
 DATABASE = "streamagg"
 _PG_SYSTEM_USER = "postgres"
+_LOCK_FILE = ".lock"
 _KAFKA_START_SECONDS = 120.0
 _STOP_SECONDS = 60.0
 
@@ -109,6 +111,12 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
+def _refuse_busy(port: int, server: str) -> None:
+    if not _port_is_free(port):
+        raise StackError(f"cannot start {server}: 127.0.0.1:{port} is taken by another process; stop it, "
+                         "or `streamagg stack down` and `up` again (a new stack picks free ports)")  # fmt: skip
+
+
 def _answers(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1.0):
         return True
@@ -143,7 +151,7 @@ class Stack:
     """The local stack rooted at ``stack_dir``; jars cached in ``cache_dir``."""
 
     def __init__(self, stack_dir: Path, cache_dir: Path) -> None:
-        self.root = Path(stack_dir)
+        self.root = Path(stack_dir).resolve()  # relative, PostgreSQL's socket path broke
         self.cache_dir = Path(cache_dir)
         self.kafka_dir = self.root / "kafka"
         self.pg_dir = self.root / "postgres"
@@ -155,24 +163,46 @@ class Stack:
         java = _require("java")
         initdb = _require("initdb")
         pg_ctl = _require("pg_ctl")
-        state = self._load_state() or self._new_state(kafka_port, postgres_port)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)  # the postgres system user must reach its data directory
-        self._save_state(state)
-        self._postgres_up(state, initdb, pg_ctl)
-        self._kafka_up(state, java)
-        self._save_state(state)
-        return self.info(state)
+        if not self.root.exists():
+            self.root.mkdir(parents=True)
+            self.root.chmod(0o755)  # the postgres system user must reach its data directory
+        elif os.geteuid() == 0 and not self.root.stat().st_mode & 0o001:  # a directory of someone else's: its mode stays
+            raise StackError(f"{self.root} is closed to the postgres system user (mode "
+                             f"{self.root.stat().st_mode & 0o777:o}); give a new directory, or open it with chmod o+x")  # fmt: skip
+        with self._locked():
+            state = self._load_state() or self._new_state(kafka_port, postgres_port)
+            self._save_state(state)
+            self._postgres_up(state, initdb, pg_ctl)
+            self._kafka_up(state, java)
+            self._save_state(state)
+            return self.info(state)
 
     def down(self) -> None:
         state = self._load_state()
         if state is None:
             log.info("no local stack at %s", self.root)
             return
-        self._kafka_down(state)
-        self._postgres_down()
-        shutil.rmtree(self.root, ignore_errors=True)
-        log.info("local stack at %s stopped and removed", self.root)
+        with self._locked():
+            self._kafka_down(state)
+            self._postgres_down()
+            # What `up` made, and nothing else: the directory may hold other files (it went whole).
+            for made in (self.kafka_dir, self.pg_dir):
+                shutil.rmtree(made, ignore_errors=True)
+            self._state_file.unlink(missing_ok=True)
+            (self.root / _LOCK_FILE).unlink(missing_ok=True)
+        try:
+            self.root.rmdir()
+            log.info("local stack at %s stopped and removed", self.root)
+        except OSError:
+            log.info("local stack at %s stopped and removed; the directory stays, with files it did not make", self.root)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One `up` or `down` of this stack at a time: a second `up` took the first one's broker,
+        still starting, for a dead one and stopped it."""
+        with open(self.root / _LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def status(self) -> dict[str, dict[str, object]]:
         state = self._load_state()
@@ -237,14 +267,27 @@ class Stack:
             )
         return ["runuser", "-u", _PG_SYSTEM_USER, "--"]
 
-    def _pg_run(self, args: list[str], what: str) -> None:
+    def _pg_run(self, args: list[str], what: str, log_file: Path | None = None) -> None:
         proc = subprocess.run(self._as_pg_user() + args, capture_output=True, text=True)
         if proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).strip().splitlines()
-            raise StackError(f"{what} failed: {detail[-1] if detail else f'exit {proc.returncode}'}")
+            said = detail[-1] if detail else f"exit {proc.returncode}"
+            if log_file is not None:  # pg_ctl says only "Examine the log output."
+                with contextlib.suppress(OSError):
+                    fatal = [line for line in log_file.read_text(errors="replace").splitlines() if "FATAL" in line]
+                    said = f"{fatal[-1] if fatal else said} (log: {log_file})"
+            raise StackError(f"{what} failed: {said}")
+
+    def _postmaster_alive(self) -> bool:
+        """postmaster.pid names a live postmaster of this data directory (not a stale file)."""
+        try:
+            pid = int((self.pg_data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return False
+        return _pid_alive(pid, str(self.pg_data))
 
     def _postgres_running(self, state: _State) -> bool:
-        return (self.pg_data / "postmaster.pid").exists() and _answers(state.postgres_port)
+        return self._postmaster_alive() and _answers(state.postgres_port)
 
     def _postgres_up(self, state: _State, initdb: str, pg_ctl: str) -> None:
         if self._postgres_running(state):
@@ -264,11 +307,12 @@ class Stack:
             f"-p {state.postgres_port} -k {run_dir} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
+        _refuse_busy(state.postgres_port, "postgres")
         log.info("starting postgres on 127.0.0.1:%d", state.postgres_port)
         self._pg_run(
             [pg_ctl, "-D", str(self.pg_data), "-l", str(self.pg_dir / "postgres.log"), "-o", options, "-w", "-t", "60", "start"],
-            "pg_ctl start",
-        )
+            "pg_ctl start", self.pg_dir / "postgres.log",
+        )  # fmt: skip
         asyncio.run(self._create_database(state.postgres_port))
 
     def _chown_to_pg_user(self, path: Path) -> None:
@@ -291,7 +335,7 @@ class Stack:
             await conn.close()
 
     def _postgres_down(self) -> None:
-        if not (self.pg_data / "postmaster.pid").exists():
+        if not self._postmaster_alive():  # never started, stopped, or crashed (pg_ctl stop then fails)
             return
         try:
             pg_ctl = _require("pg_ctl")
@@ -325,6 +369,7 @@ class Stack:
             )
             if proc.returncode != 0:
                 raise StackError(f"kafka storage format failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
+        _refuse_busy(state.kafka_port, "kafka")
         log.info("starting kafka on 127.0.0.1:%d", state.kafka_port)
         with open(self.kafka_dir / "kafka.out", "ab") as out:
             proc_k = subprocess.Popen(

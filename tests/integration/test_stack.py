@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from streamagg.settings import load_settings
+from streamagg.errors import StackError
+from streamagg.settings import Settings, load_settings
 from streamagg.smoke import smoke_check
-from streamagg.stack import Stack, StackInfo
+from streamagg.stack import Stack, StackInfo, free_port
 
 STREAMAGG = [sys.executable, "-m", "streamagg"]
 
@@ -67,6 +73,49 @@ def test_lifecycle_leaves_no_process_behind(stack_factory) -> None:
     assert nothing_listens(kafka_port) and nothing_listens(postgres_port)
     assert not instance.root.exists()
     instance.down()  # a second down is harmless
+
+
+def fresh_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="streamagg-test-stack-"))
+    root.chmod(0o755)  # as root, the cluster runs as the postgres user (tests/conftest.py)
+    return root
+
+
+def test_two_ups_at_once_a_crashed_postgres_and_a_down_keep_what_the_stack_did_not_make() -> None:
+    """Two `up`s of one directory at once share one stack (the second stopped the first one's
+    starting broker); `down` after the postmaster was killed works (pg_ctl stop failed on the
+    stale pid file, every time) and removes only what `up` made (the whole directory went)."""
+    root = fresh_root()
+    (root / "notes.txt").write_text("mine")
+    cache_dir = Settings().cache_dir
+    ports = (free_port(), free_port())
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first, second = pool.map(lambda _: Stack(root, cache_dir).up(*ports), range(2))
+        assert first == second
+        postmaster = int((root / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGKILL)
+        Stack(root, cache_dir).down()
+        assert [item.name for item in root.iterdir()] == ["notes.txt"] and (root / "notes.txt").read_text() == "mine"
+        deadline = time.monotonic() + 10  # the killed postmaster's backends notice and exit
+        while processes_under(root) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_under(root) == []
+    finally:
+        Stack(root, cache_dir).down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_taken_port_is_named() -> None:
+    root = fresh_root()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            with pytest.raises(StackError, match=f"cannot start postgres: 127.0.0.1:{port} is taken by another process"):
+                Stack(root, Settings().cache_dir).up(kafka_port=free_port(), postgres_port=port)
+    finally:
+        Stack(root, Settings().cache_dir).down()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_missing_prerequisite_is_one_line(tmp_path: Path) -> None:
