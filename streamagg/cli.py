@@ -57,6 +57,10 @@ def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except StreamaggError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # a stack or cache directory that is a file, not writable, a full disk
+            if logging.getLogger("streamagg").isEnabledFor(logging.DEBUG):
+                raise  # -v: the traceback
+            raise click.ClickException(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}") from exc
 
     return wrapper
 
@@ -399,7 +403,7 @@ class _ProgressDisplay:
 @main.command()
 @click.option("--hours", type=click.IntRange(min=1), required=True, help="how many hours of telemetry")
 @click.option("--events-per-hour", type=click.IntRange(min=1), required=True, help="events in each hour, all topics")
-@click.option("--seed", type=int, default=1, show_default=True, help="the same seed gives the same events")
+@click.option("--seed", type=click.IntRange(min=0), default=1, show_default=True, help="the same seed gives the same events")
 @click.option("--start", type=TIME, default=None, help="first hour, rounded down to a whole hour (default: the hours end at the last full hour)")
 @_settings_options
 @_fail_cleanly
@@ -449,9 +453,11 @@ def worker(ctx: click.Context, settings: Settings) -> None:
 
 
 @main.command()
-@click.option("--hours", type=click.IntRange(min=1, max=48), default=4, show_default=True)
-@click.option("--events-per-hour", type=click.IntRange(min=10), default=20_000, show_default=True)
-@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--hours", type=click.IntRange(min=1, max=48), default=4, show_default=True,
+              help="hours of telemetry, ending at the last full hour")
+@click.option("--events-per-hour", type=click.IntRange(min=10), default=20_000, show_default=True,
+              help="events in each hour, all topics")
+@click.option("--seed", type=click.IntRange(min=0), default=7, show_default=True, help="the same seed gives the same events")
 @_settings_options
 @_fail_cleanly
 def demo(settings: Settings, hours: int, events_per_hour: int, seed: int) -> None:
@@ -460,7 +466,9 @@ def demo(settings: Settings, hours: int, events_per_hour: int, seed: int) -> Non
     Starts the local stack unless Kafka/PostgreSQL are configured, produces a few hours of
     synthetic telemetry ending in the past to fresh topics, runs the worker until those hours
     are flushed and rolled up into a fresh database, then prints a dashboard and the accuracy
-    of every stored row against exact values computed from the same events.
+    of every stored row against exact values computed from the same events. Of the settings
+    below it takes Kafka, PostgreSQL, the sketch kinds and the stack's; its topics, app id,
+    partitions, timings and metrics port are its own.
     """
     from rich.console import Console
 

@@ -5,6 +5,8 @@ Each record's Kafka timestamp is its event time, so a backfill can find offsets 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections import Counter
@@ -12,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import InvalidTimestampError, KafkaError
 
-from .buckets import HOUR_MS
+from .buckets import HOUR_MS, rfc3339
 from .settings import Settings
 from .synth import Synth
 from .topics import TopicError, ensure_topics
@@ -22,6 +24,10 @@ from .topics import TopicError, ensure_topics
 log = logging.getLogger(__name__)
 
 _IN_FLIGHT = 5000
+# A broker lost mid-way: aiokafka retries an idempotent send for as long as it runs, so without
+# a bound the command waited forever (and its stop flushed to the dead broker).
+DELIVERY_TIMEOUT_SECONDS = 60.0
+_STOP_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -59,27 +65,45 @@ async def generate(
         await producer.start()
     except KafkaError as exc:
         raise TopicError(f"kafka at {settings.kafka_bootstrap} is unreachable: {exc}") from exc
+    pending: list[asyncio.Future] = []
+
+    async def delivered() -> None:
+        await asyncio.wait_for(asyncio.gather(*pending), DELIVERY_TIMEOUT_SECONDS)
+        pending.clear()
+
     try:
-        pending = []
         for kind, time_ms, event in Synth(seed).events(start_ms, hours, per_hour):
             topic = settings.topic(kind)
             key = str(next(iter(event.values()))).encode()  # the event's id: spreads partitions
             value = json.dumps(event, separators=(",", ":")).encode()
-            pending.append(await producer.send(topic, value, key=key, timestamp_ms=time_ms))
+            send = producer.send(topic, value, key=key, timestamp_ms=time_ms)  # waits while its buffer is full
+            pending.append(await asyncio.wait_for(send, DELIVERY_TIMEOUT_SECONDS))
             counts[topic] += 1
             if len(pending) >= _IN_FLIGHT:
-                for future in pending:
-                    await future
-                pending.clear()
+                await delivered()
                 if progress:
                     progress(sum(counts.values()), total)
-        for future in pending:
-            await future
-        await producer.flush()
+        await delivered()
+    except InvalidTimestampError as exc:
+        raise TopicError(
+            f"producing to {settings.kafka_bootstrap} failed: the broker refuses record timestamps as far ahead of its "
+            f"clock as {rfc3339(start_ms + hours * HOUR_MS)} (log.message.timestamp.after.max.ms, 1 h by default); "
+            "give an earlier --start"
+        ) from exc
     except KafkaError as exc:
         raise TopicError(f"producing to {settings.kafka_bootstrap} failed: {exc}") from exc
+    except TimeoutError:
+        raise TopicError(
+            f"producing to {settings.kafka_bootstrap} failed: no acknowledgement for {DELIVERY_TIMEOUT_SECONDS:.0f} s "
+            f"(after {sum(counts.values()) - len(pending):,} events); is the broker up?"
+        ) from None
     finally:
-        await producer.stop()
+        for future in pending:  # the rest of a failed batch: no "exception was never retrieved"
+            if future.done() and not future.cancelled():
+                future.exception()
+            future.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(producer.stop(), _STOP_SECONDS)
     if progress:
         progress(total, total)
     return Generated(dict(counts), start_ms, start_ms + hours * HOUR_MS)
