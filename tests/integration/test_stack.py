@@ -118,6 +118,15 @@ def test_a_taken_port_is_named() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_a_stack_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    env = {**os.environ, "STREAMAGG_STACK_DIR": str(tmp_path / "a-file" / "stack")}
+    for command in ("up", "status"):
+        proc = subprocess.run([*STREAMAGG, "stack", command], env=env, capture_output=True, text=True, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: Not a directory: "), proc.stderr
+
+
 def test_missing_prerequisite_is_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(tmp_path), "STREAMAGG_STACK_DIR": str(tmp_path / "stack")}
     proc = subprocess.run([*STREAMAGG, "stack", "up"], env=env, capture_output=True, text=True, timeout=60)
