@@ -50,6 +50,9 @@ class DemoPlan:
     timeout_seconds: float = 600.0
 
 
+_DATABASE_PATIENCE_SECONDS = 30.0
+
+
 class DemoFailed(StreamaggError):
     pass
 
@@ -236,14 +239,23 @@ async def wait_for_rows(
     rows_wanted = sum(n for n, _ in totals.values())
     what = "hours to be flushed" if set(expected) == {"hour"} else "hours to be flushed and rolled up"
     complete: dict[Granularity, float] = {}
+    failing_since: float | None = None
     async with await Store.open(settings.database_url.get_secret_value(), settings.redacted_dsn()) as store:
         while True:
             if worker.poll() is not None:
                 raise DemoFailed(f"the worker exited with status {worker.returncode}")
             try:
                 stored = {g: await store.row_totals(g, *ranges[g]) for g in expected}
-            except StreamaggError:
-                stored = {g: (0, 0) for g in expected}  # the worker has not created the schema yet
+                failing_since = None
+            except StreamaggError as exc:
+                stored = {g: (0, 0) for g in expected}
+                # No table yet: the worker has not migrated. Anything else (a server that went
+                # away) for long is the end: the wait lasted its whole timeout.
+                if "does not exist" not in str(exc):
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > _DATABASE_PATIENCE_SECONDS:
+                        raise DemoFailed(f"PostgreSQL at {settings.redacted_dsn()} failed for "
+                                         f"{_DATABASE_PATIENCE_SECONDS:.0f} s: {exc}") from None  # fmt: skip
             status.update(f"waiting for the {what}: {sum(n for n, _ in stored.values()):,}/{rows_wanted:,} rows")  # type: ignore[attr-defined]
             polled = time.monotonic()
             for granularity in expected:
