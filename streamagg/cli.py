@@ -253,10 +253,7 @@ def query(
     if output == "json":
         click.echo(json.dumps([row.to_json() for row in rows], indent=2))
     elif rows:
-        from rich.console import Console
-
-        console = Console() if sys.stdout.isatty() else Console(width=160)
-        console.print(query_table(rows, request.describe()))
+        _tables_console().print(query_table(rows, request.describe()))
     if not rows:
         click.echo(f"no rows for {request.describe()}", err=True)
 
@@ -428,6 +425,16 @@ def generate(settings: Settings, hours: int, events_per_hour: int, seed: int, st
     click.echo(f"total\t{generated.total}\t{to_datetime(generated.start_ms).isoformat()}\t{to_datetime(generated.end_ms).isoformat()}")
 
 
+def _tables_console() -> Any:
+    """stdout for tables, at least 160 columns wide: narrower, rich cut numbers to "28,1…",
+    which read as values; a narrow terminal wraps the lines instead."""
+    import shutil
+
+    from rich.console import Console
+
+    return Console(width=max(160, shutil.get_terminal_size().columns) if sys.stdout.isatty() else 160)
+
+
 def _stderr_console() -> Any:
     from rich.console import Console
 
@@ -470,11 +477,8 @@ def demo(settings: Settings, hours: int, events_per_hour: int, seed: int) -> Non
     below it takes Kafka, PostgreSQL, the sketch kinds and the stack's; its topics, app id,
     partitions, timings and metrics port are its own.
     """
-    from rich.console import Console
-
     from .demo import DemoPlan, run_demo
 
-    console = Console() if sys.stdout.isatty() else Console(width=160)
-    ok = run_demo(settings, DemoPlan(hours, events_per_hour, seed), console, _stderr_console())
+    ok = run_demo(settings, DemoPlan(hours, events_per_hour, seed), _tables_console(), _stderr_console())
     if not ok:
         sys.exit(1)
