@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sketches import Kind, Sketch, SketchError
+from sketches import Kind, Sketch, SketchError, SketchKindMismatch
 
 from . import exact
 from .buckets import HOUR_MS, Granularity, bucket_start_ms
@@ -84,6 +84,10 @@ class _Values:
     fingerprints: list[int]
 
 
+class SketchKindsMismatch(StateError):
+    """Aggregates whose sketches are of two kinds, both past exact mode: they never merge."""
+
+
 class Agg:
     """Running statistics of one key. Count metrics use ``count`` only (``sketch`` is None)."""
 
@@ -129,6 +133,8 @@ class Agg:
         if self.sketch is not None and other.sketch is not None:
             try:  # first: a refused merge leaves this aggregate as it was
                 self.sketch.merge(other.sketch)
+            except SketchKindMismatch as exc:
+                raise SketchKindsMismatch(f"cannot merge aggregates: {exc}") from exc
             except SketchError as exc:
                 raise StateError(f"cannot merge aggregates: {exc}") from exc
             self.total = exact.add(self.total, other.total)
@@ -143,7 +149,12 @@ class Agg:
 
     @classmethod
     def merged(cls, parts: Sequence[Agg]) -> Agg:
-        """A new aggregate of all of ``parts`` (at least one), merged in order; the parts stay as they were."""
+        """A new aggregate of all of ``parts`` (at least one), merged in order; the parts stay as
+        they were. Parts of several sketch kinds go past-exact-mode first, so the merge does not
+        depend on their order: it fails (:class:`SketchKindsMismatch`) only if two kinds hold
+        parts past exact mode; exact parts of the others join as their values."""
+        if len({part.sketch.kind for part in parts if part.sketch is not None}) > 1:
+            parts = sorted(parts, key=lambda part: part.sketch is not None and part.sketch.is_exact)
         out = parts[0].empty_like()
         for part in parts:
             out.merge(part)
@@ -554,9 +565,10 @@ def roll_up_rows(
                 if len(run) == 1:
                     source = hours[run[0]]
                 else:
+                    parts = [agg_of(i) for i in run]  # unreadable bytes raise: not a mismatch of kinds
                     try:
-                        source = Agg.merged([agg_of(i) for i in run]).to_row(key, granularity)
-                    except StateError:
+                        source = Agg.merged(parts).to_row(key, granularity)
+                    except SketchKindsMismatch:
                         if unmerged is None:
                             raise
                         unmerged.append((granularity, key))

@@ -21,10 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .aggregate import Agg, Row
+from .aggregate import Agg, Row, SketchKindsMismatch
 from .buckets import DAY_MS, GRANULARITIES, HOUR_MS, WEEK_MS, Granularity, bucket_end_ms, bucket_start_ms, rfc3339
 from .catalogue import METRICS_BY_NAME
-from .errors import StateError, StreamaggError
+from .errors import StreamaggError
 from .settings import Settings
 from .store import RowKey, Store
 
@@ -208,29 +208,34 @@ def _finite(value: float | None) -> float | None:
 
 def merge_rows(rows: Iterable[Row], granularity: QueryGranularity) -> list[QueryRow]:
     """One result per series and bucket of ``granularity`` (per series for total), sorted by
-    bucket then dimension value. Rows of different sketch kinds past exact mode raise
-    :class:`MixedSketchKinds`."""
-    merged: dict[_ResultKey, tuple[Agg, Row]] = {}
+    bucket then dimension value. Rows of two sketch kinds both past exact mode raise
+    :class:`MixedSketchKinds` (exact ones of another kind merge as their values, in any order)."""
+    grouped: dict[_ResultKey, list[tuple[Agg, Row]]] = {}
     for row in rows:
         bucket = None if granularity == "total" else bucket_start_ms(row.bucket_ms, granularity)
         key = (bucket, row.metric_name, row.dimension_type, row.dimension_value)
-        agg = Agg.from_row(row)
-        if key not in merged:
-            merged[key] = (agg, row)
-            continue
-        into, first = merged[key]
+        grouped.setdefault(key, []).append((Agg.from_row(row), row))
+    results = []
+    for key in sorted(grouped, key=lambda k: (k[0] if k[0] is not None else 0, k[1], k[2] or "", k[3] or "")):
+        parts = grouped[key]
         try:
-            into.merge(agg)  # another kind's exact sketch merges as its values (Sketch.merge)
-        except StateError:
-            series = "(all)" if row.dimension_type is None else f"{row.dimension_type}={row.dimension_value}"
-            raise MixedSketchKinds(
-                f"{row.metric_name} {series}: the {first.granularity} row of "
-                f"{rfc3339(first.bucket_ms)} has sketch kind {first.sketch_kind}, the {row.granularity} row of "
-                f"{rfc3339(row.bucket_ms)} {row.sketch_kind}, both past exact mode; sketches of different kinds "
-                "never merge (a backfill of those hours under one kind rebuilds them)"
-            ) from None
-    ordered = sorted(merged, key=lambda k: (k[0] if k[0] is not None else 0, k[1], k[2] or "", k[3] or ""))
-    return [_result(key, merged[key][0]) for key in ordered]
+            agg = parts[0][0] if len(parts) == 1 else Agg.merged([agg for agg, _ in parts])
+        except SketchKindsMismatch:
+            raise MixedSketchKinds(_mixed_kinds(parts)) from None
+        results.append(_result(key, agg))
+    return results
+
+
+def _mixed_kinds(parts: list[tuple[Agg, Row]]) -> str:
+    past = [row for agg, row in parts if agg.sketch is not None and not agg.sketch.is_exact]
+    first = past[0]
+    other = next(row for row in past if row.sketch_kind != first.sketch_kind)
+    series = "(all)" if first.dimension_type is None else f"{first.dimension_type}={first.dimension_value}"
+    return (
+        f"{first.metric_name} {series}: the {first.granularity} row of {rfc3339(first.bucket_ms)} has sketch kind "
+        f"{first.sketch_kind}, the {other.granularity} row of {rfc3339(other.bucket_ms)} {other.sketch_kind}, both past "
+        "exact mode; sketches of different kinds never merge (a backfill of those hours under one kind rebuilds them)"
+    )
 
 
 def _result(key: _ResultKey, agg: Agg) -> QueryRow:

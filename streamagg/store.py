@@ -25,9 +25,9 @@ import asyncpg
 import orjson
 
 from . import exact
-from .aggregate import Agg, Key, Row
+from .aggregate import Agg, Key, Row, SketchKindsMismatch
 from .buckets import Granularity, rfc3339, to_datetime, to_ms, width_ms
-from .errors import StateError, StreamaggError
+from .errors import StreamaggError
 
 log = logging.getLogger(__name__)
 
@@ -531,7 +531,7 @@ class Store:
         for key in keys:
             try:
                 rows[key] = _final_row(key, own.get(key, {}), others.get(key, []))
-            except StateError:  # partials of two sketch kinds: the row stays as it is
+            except SketchKindsMismatch:  # partials of two sketch kinds past exact mode: the row stays as it is
                 unmerged.append(key)
         warn_unmerged("hour", unmerged)
         result = await self.upsert_rows([row for row in rows.values() if row is not None], conn)

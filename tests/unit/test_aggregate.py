@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from fractions import Fraction
@@ -377,6 +378,37 @@ def test_hours_of_two_sketch_kinds_roll_up_while_one_side_is_exact() -> None:
         assert_row_matches(row, oracle[key][0], expected_sum=oracle[key][1])
         mixed += {r.sketch_kind for r in full if (bucket_start_ms(r.bucket_ms, "day"), *r.key[1:]) == key} == {"req-hra-k24", "kll-k200"}
     assert mixed > 100  # most series of the day have rows of both kinds, merged
+
+
+def test_a_merge_of_two_kinds_does_not_depend_on_the_order_of_its_parts() -> None:
+    """700 values under req-hra-k128 and 150 under kll-k200 (both exact), 5,000 under kll-k200:
+    every order merges, to kll-k200 (first come, the two exact ones became a k128 sketch past
+    exact mode, which then refused the third)."""
+    rng = random.Random(5)
+
+    def agg(kind: str, n: int) -> Agg:
+        out = Agg(Kind.parse(kind))
+        for i in range(n):
+            out.add(rng.lognormvariate(5, 1), i)
+        return out
+
+    parts = [agg("req-hra-k128", 700), agg("kll-k200", 150), agg("kll-k200", 5000)]
+    for order in itertools.permutations(parts):
+        merged = Agg.merged(list(order))
+        assert merged.count == merged.sketch.n == 5850 and str(merged.sketch.kind) == "kll-k200"
+
+
+def test_a_roll_up_raises_on_unreadable_sketch_bytes_even_when_it_lists_unmerged_rows() -> None:
+    """Only two kinds past exact mode are listed and left; corrupt bytes are not that and raise."""
+    rows = [r for r in ingest(make_events(hours=2, per_hour=400, seed=4), batch=400).rows() if r.metric_name == "trace.duration_ms"]
+    row = next(r for r in rows if r.dimension_type is None and r.bucket_ms == START_MS)
+    broken = Row(row.bucket_ms, "hour", row.metric_name, None, None, row.count, row.sum_value, row.min_value,
+                 row.max_value, row.avg_value, row.p50_value, row.p95_value, row.p99_value, row.sketch[:-9] + b"\xff" * 9,
+                 row.sketch_kind, row.fingerprint)  # fmt: skip
+    unmerged: list = []
+    with pytest.raises(StateError):
+        roll_up_rows(sorted([broken if r is row else r for r in rows], key=lambda r: r.bucket_ms), {"day": None}, unmerged)
+    assert unmerged == []
 
 
 def test_a_refused_merge_leaves_the_aggregate_as_it_was() -> None:
