@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
 from .aggregate import Key, roll_up_rows
-from .buckets import DAY_MS, WEEK_MS, Granularity, bucket_end_ms, bucket_start_ms, rfc3339
+from .buckets import DAY_MS, Granularity, bucket_end_ms, bucket_start_ms, rfc3339
 from .lanes import in_lanes
 from .store import Series, Store, WriteResult, series_lock_id, warn_unmerged
 
@@ -99,8 +99,9 @@ async def rollup_keys(
 async def roll_up_owed(store: Store, exclude: str) -> dict[Granularity, WriteResult]:
     """Roll up the hours that others than ``exclude`` queued and did not roll up: a dead
     worker's debt or an interrupted backfill's (a live one's is merely done twice). A day at a
-    time, with every series of its owed hours; then the day and week rows of those buckets left
-    without an hour row go (a backfill may have removed a series' hours before it stopped)."""
+    time, with every series that has a row in its owed hours or a day row: a series whose hours
+    a backfill removed is named only by the latter, and its day and week rows are made again
+    from the hours it has left, or deleted (as any roll-up does, under the series' locks)."""
     owed = await store.owed_rollups(exclude=exclude)
     results = {granularity: WriteResult() for granularity in ("day", "week")}
     if not owed:
@@ -110,12 +111,9 @@ async def roll_up_owed(store: Store, exclude: str) -> dict[Granularity, WriteRes
     for hour in owed:
         by_day.setdefault(bucket_start_ms(hour, "day"), []).append(hour)
     for day, hours in sorted(by_day.items()):
-        for granularity, result in (await rollup_keys(store, await store.hour_keys_at(hours))).items():
+        keys = set(await store.hour_keys_at(hours))
+        keys |= {(hours[0], *series) for series in await store.series_with_rows("day", day)}
+        for granularity, result in (await rollup_keys(store, keys)).items():
             results[granularity] += result
-        results["day"] += WriteResult(deleted=await store.delete_rollups_without_hours_between("day", day, day + DAY_MS))
-        week = bucket_start_ms(day, "week")
-        results["week"] += WriteResult(
-            deleted=await store.delete_rollups_without_hours_between("week", week, week + WEEK_MS)
-        )
         await store.rolled_up(ids=[row for hour in hours for row in owed[hour]])
     return results

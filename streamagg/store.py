@@ -570,6 +570,14 @@ class Store:
         )  # fmt: skip
         return [_record_key(record) for record in records]
 
+    async def series_with_rows(self, granularity: Granularity, bucket_ms: int) -> list[Series]:
+        """The series that have a row of ``granularity`` at the bucket starting at ``bucket_ms``."""
+        records = await self._fetch(
+            "reading series", f"SELECT metric_name, dimension_type, dimension_value FROM {TABLE} "
+            "WHERE granularity = $1 AND bucket_time = $2", granularity, to_datetime(bucket_ms),
+        )  # fmt: skip
+        return [(r[0], r[1], r[2]) for r in records]
+
     async def delete_rollups_without_hours(
         self, granularity: Granularity, keys: Sequence[Key], conn: asyncpg.Connection | None = None
     ) -> int:

@@ -19,7 +19,7 @@ import pytest
 
 from streamagg.aggregate import AggregateState, roll_up
 from streamagg.buckets import HOUR_MS, bucket_start_ms, rfc3339, to_datetime, to_ms
-from streamagg.rollup import rollup
+from streamagg.rollup import roll_up_owed, rollup, rollup_keys
 from streamagg.settings import Settings
 from streamagg.store import Store, WriteResult
 from streamagg.oracle import exact_hours
@@ -161,6 +161,45 @@ def test_an_extension_available_but_not_creatable_leaves_an_ordinary_table(datab
         finally:
             await admin.execute(f"DROP ROLE IF EXISTS {role}")
             await admin.close()
+
+    asyncio.run(run())
+
+
+def test_owed_roll_ups_remake_the_days_of_series_that_lost_some_of_their_hours(database: str) -> None:
+    """A backfill removed a series' row of one hour (its replay found no event for it) and
+    stopped before its roll-ups; the series still has another hour that day. The owed roll-up
+    finds it by its day row and makes the day and week from the hour left (it kept the removed
+    hour's count, since only series with a row in an owed hour were rolled up)."""
+    events = make_events(hours=2, per_hour=600, seed=25)
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    rows = state.rows()
+    oracle = exact_hours(events)
+    user = next(k for k in oracle if k[0] == START_MS and k[2] == "user_id" and (START_MS + HOUR_MS, *k[1:]) in oracle)
+    later = (START_MS + HOUR_MS, *user[1:])
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.upsert_rows(rows)
+            await rollup_keys(store, [row.key for row in rows])
+            day = (bucket_start_ms(START_MS, "day"), *user[1:])
+            assert {r.key: r for r in await store.fetch_rows("day", day[0], day[0] + 1)}[day].count == oracle[user].count + oracle[later].count
+            conn = await asyncpg.connect(database)
+            try:
+                await conn.execute(
+                    "DELETE FROM observability.metrics_aggregates WHERE granularity = 'hour' AND bucket_time = $1 "
+                    "AND metric_name = $2 AND dimension_type = $3 AND dimension_value = $4", to_datetime(START_MS), *user[1:],
+                )  # fmt: skip
+                await conn.execute("INSERT INTO observability.metrics_rollup_queue (hour, queued_by) VALUES ($1, 'a-backfill')",
+                                   to_datetime(START_MS))  # fmt: skip
+            finally:
+                await conn.close()
+            await roll_up_owed(store, exclude="a-live-worker")
+            for granularity in ("day", "week"):
+                start = bucket_start_ms(START_MS, granularity)
+                stored = {r.key: r for r in await store.fetch_rows(granularity, start, start + 1)}
+                assert_row_matches(stored[(start, *user[1:])], oracle[later], expected_sum=oracle[later].sum)
+            assert await store.owed_rollups(exclude="a-live-worker") == {}
 
     asyncio.run(run())
 
