@@ -6,7 +6,7 @@ import logging
 
 from kafka import KafkaAdminClient
 from kafka.admin import NewPartitions, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import InvalidPartitionsError, KafkaError, TopicAlreadyExistsError
 
 from .errors import StreamaggError
 from .events import EVENT_KINDS, EventKind
@@ -69,18 +69,38 @@ def ensure_topics(settings: Settings, names: list[str] | None = None, changelog:
             except TopicAlreadyExistsError:
                 pass  # another process created them first
         counts = {topic["name"]: len(topic["partitions"]) for topic in admin.describe_topics(wanted)}
-        if changelog is not None and changelog in existing:
-            needed = max(counts[topic] for topic in source_topics(settings))
-            (described,) = admin.describe_topics([changelog])
-            if len(described["partitions"]) < needed:
-                log.info("%s has %d partitions, the source topics up to %d: adding the missing ones",
-                         changelog, len(described["partitions"]), needed)  # fmt: skip
-                admin.create_partitions({changelog: NewPartitions(total_count=needed)})
+        sources = {topic: counts[topic] for topic in source_topics(settings) if topic in counts}
+        if changelog is not None and sources:
+            _fit_changelog(admin, changelog, changelog in existing, sources)
         return counts
     except KafkaError as exc:
         raise TopicError(f"cannot create topics on {settings.kafka_bootstrap}: {exc}") from exc
     finally:
         admin.close()
+
+
+def _fit_changelog(admin: KafkaAdminClient, changelog: str, exists: bool, sources: dict[str, int]) -> None:
+    """Grow an existing changelog to the most partitions of a source topic. Faust assigns the
+    partitions of topics together only when their counts are equal: with other counts, a second
+    worker may get a source partition without its checkpoints, and reads it again from the log's
+    start at every rebalance. A single worker does not mind; the start says so once."""
+    needed = max(sources.values())
+    have = len(admin.describe_topics([changelog])[0]["partitions"]) if exists else needed
+    if have < needed:
+        log.info("%s has %d partitions, the source topics up to %d: adding the missing ones", changelog, have, needed)
+        try:
+            admin.create_partitions({changelog: NewPartitions(total_count=needed)})
+        except InvalidPartitionsError:  # another worker starting grew it first
+            have = len(admin.describe_topics([changelog])[0]["partitions"])
+        else:
+            have = needed
+    if len(set(sources.values())) > 1 or have != needed:
+        counts = ", ".join(f"{topic} {n}" for topic, n in sources.items())
+        log.warning(
+            "partition counts differ (%s, the checkpoints' %s %d): one worker is fine, but with more a rebalance may "
+            "give a worker partitions without their checkpoints, which it then reads again from the log's start; "
+            "give the topics one count", counts, changelog, have,
+        )  # fmt: skip
 
 
 def delete_topics(settings: Settings, prefixes: list[str]) -> list[str]:

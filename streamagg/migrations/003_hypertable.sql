@@ -8,7 +8,9 @@ BEGIN
         BEGIN
             CREATE EXTENSION IF NOT EXISTS timescaledb;
         EXCEPTION WHEN OTHERS THEN
-            RAISE NOTICE 'timescaledb is available but cannot be created (%): metrics_aggregates stays an ordinary table', SQLERRM;
+            RAISE NOTICE 'timescaledb is available but cannot be created (%): metrics_aggregates stays an ordinary table; '
+                         'once it can, SELECT create_hypertable(''observability.metrics_aggregates'', ''bucket_time'', '
+                         'migrate_data => TRUE) converts it', SQLERRM;
             RETURN;
         END;
         PERFORM create_hypertable('observability.metrics_aggregates', 'bucket_time',
