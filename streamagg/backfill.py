@@ -42,7 +42,7 @@ from .buckets import HOUR_MS, bucket_start_ms, to_datetime
 from .catalogue import METRICS_BY_NAME
 from .errors import StreamaggError
 from .events import Event, EventKind, Rejected, decode
-from .rollup import rollup_keys
+from .rollup import BACKFILL_QUEUE_TAG, rollup_keys
 from .settings import Settings
 from .store import Retire, Store, WriteResult
 from .telemetry import BackfillTelemetry
@@ -433,7 +433,7 @@ async def backfill(
         await consumer.stop()
     # The hours it writes are queued for their roll-ups in the same transactions: if it stops
     # before it has rolled them up, the next live worker to start or rebalance does.
-    queued_by = None if dry_run else f"{settings.app_id}-backfill:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    queued_by = None if dry_run else f"{settings.app_id}{BACKFILL_QUEUE_TAG}{os.getpid()}:{uuid.uuid4().hex[:8]}"
     touched = await _write(store, settings, the_plan, replays, report, on_progress, clock, started, queued_by)
     if queued_by is not None:
         await store.analyze()

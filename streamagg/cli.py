@@ -60,7 +60,8 @@ def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as exc:  # a stack or cache directory that is a file, not writable, a full disk
             if logging.getLogger("streamagg").isEnabledFor(logging.DEBUG):
                 raise  # -v: the traceback
-            raise click.ClickException(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}") from exc
+            said = exc.strerror or str(exc) or type(exc).__name__  # a bare TimeoutError says nothing
+            raise click.ClickException(f"{said}{f': {exc.filename}' if exc.filename else ''}") from exc
 
     return wrapper
 

@@ -251,7 +251,7 @@ async def wait_for_rows(
                 stored = {g: (0, 0) for g in expected}
                 # No table yet: the worker has not migrated. Anything else (a server that went
                 # away) for long is the end: the wait lasted its whole timeout.
-                if "does not exist" not in str(exc):
+                if not isinstance(exc.__cause__, asyncpg.UndefinedTableError):
                     failing_since = failing_since or time.monotonic()
                     if time.monotonic() - failing_since > _DATABASE_PATIENCE_SECONDS:
                         raise DemoFailed(f"PostgreSQL at {settings.redacted_dsn()} failed for "

@@ -15,6 +15,8 @@ from .store import Series, Store, WriteResult, series_lock_id, warn_unmerged
 log = logging.getLogger(__name__)
 
 _WRITE_BATCH = 1000
+# In the roll-up queue's queued_by of a backfill (which may remove hours; a worker never does).
+BACKFILL_QUEUE_TAG = "-backfill:"
 _LANES = 2  # batches in flight: roll-up of bench/throughput 6.0 -> 5.0 s (three runs each)
 
 
@@ -99,20 +101,23 @@ async def rollup_keys(
 async def roll_up_owed(store: Store, exclude: str) -> dict[Granularity, WriteResult]:
     """Roll up the hours that others than ``exclude`` queued and did not roll up: a dead
     worker's debt or an interrupted backfill's (a live one's is merely done twice). A day at a
-    time, with every series that has a row in its owed hours or a day row: a series whose hours
-    a backfill removed is named only by the latter, and its day and week rows are made again
-    from the hours it has left, or deleted (as any roll-up does, under the series' locks)."""
+    time, with every series that has a row in its owed hours, and, where a backfill queued them,
+    every series with a day row on that day: a series whose hours it removed is named only by
+    that, and its day and week rows are made again from the hours it has left, or deleted (as
+    any roll-up does, under the series' locks)."""
     owed = await store.owed_rollups(exclude=exclude)
     results = {granularity: WriteResult() for granularity in ("day", "week")}
     if not owed:
         return results
+    by_backfill = await store.owed_rollups(exclude=exclude, queued_by_like=f"%{BACKFILL_QUEUE_TAG}%")
     log.info("rolling up %d hours that were flushed and not rolled up", len(owed))
     by_day: dict[int, list[int]] = {}
     for hour in owed:
         by_day.setdefault(bucket_start_ms(hour, "day"), []).append(hour)
     for day, hours in sorted(by_day.items()):
         keys = set(await store.hour_keys_at(hours))
-        keys |= {(hours[0], *series) for series in await store.series_with_rows("day", day)}
+        if any(hour in by_backfill for hour in hours):  # it may have removed a series' hour: all of the day's
+            keys |= {(hours[0], *series) for series in await store.series_with_rows("day", day)}
         for granularity, result in (await rollup_keys(store, keys)).items():
             results[granularity] += result
         await store.rolled_up(ids=[row for hour in hours for row in owed[hour]])

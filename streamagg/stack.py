@@ -42,7 +42,6 @@ DEFAULT_KAFKA_PORT = 9092
 DEFAULT_POSTGRES_PORT = 5432
 DATABASE = "streamagg"
 _PG_SYSTEM_USER = "postgres"
-_LOCK_FILE = ".lock"
 _KAFKA_START_SECONDS = 120.0
 _STOP_SECONDS = 60.0
 
@@ -163,10 +162,12 @@ class Stack:
         java = _require("java")
         initdb = _require("initdb")
         pg_ctl = _require("pg_ctl")
-        if not self.root.exists():
+        try:
             self.root.mkdir(parents=True)
             self.root.chmod(0o755)  # the postgres system user must reach its data directory
-        elif os.geteuid() == 0 and not self.root.stat().st_mode & 0o001:  # a directory of someone else's: its mode stays
+        except FileExistsError:
+            pass
+        if os.geteuid() == 0 and not self.root.stat().st_mode & 0o001:  # a directory of someone else's: its mode stays
             raise StackError(f"{self.root} is closed to the postgres system user (mode "
                              f"{self.root.stat().st_mode & 0o777:o}); give a new directory, or open it with chmod o+x")  # fmt: skip
         with self._locked():
@@ -178,18 +179,20 @@ class Stack:
             return self.info(state)
 
     def down(self) -> None:
-        state = self._load_state()
-        if state is None:
+        if not self.root.exists():
             log.info("no local stack at %s", self.root)
             return
         with self._locked():
+            state = self._load_state()  # under the lock: an `up` still starting has not saved all of it
+            if state is None:
+                log.info("no local stack at %s", self.root)
+                return
             self._kafka_down(state)
             self._postgres_down()
             # What `up` made, and nothing else: the directory may hold other files (it went whole).
             for made in (self.kafka_dir, self.pg_dir):
                 shutil.rmtree(made, ignore_errors=True)
             self._state_file.unlink(missing_ok=True)
-            (self.root / _LOCK_FILE).unlink(missing_ok=True)
         try:
             self.root.rmdir()
             log.info("local stack at %s stopped and removed", self.root)
@@ -199,8 +202,9 @@ class Stack:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """One `up` or `down` of this stack at a time: a second `up` took the first one's broker,
-        still starting, for a dead one and stopped it."""
-        with open(self.root / _LOCK_FILE, "a") as lock:
+        still starting, for a dead one and stopped it. The lock is a file beside the directory,
+        never deleted: one inside went with a `down`, while others waited on it."""
+        with open(self.root.parent / f".{self.root.name}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
@@ -267,14 +271,15 @@ class Stack:
             )
         return ["runuser", "-u", _PG_SYSTEM_USER, "--"]
 
-    def _pg_run(self, args: list[str], what: str, log_file: Path | None = None) -> None:
+    def _pg_run(self, args: list[str], what: str, log_file: Path | None = None, log_from: int = 0) -> None:
         proc = subprocess.run(self._as_pg_user() + args, capture_output=True, text=True)
         if proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).strip().splitlines()
             said = detail[-1] if detail else f"exit {proc.returncode}"
-            if log_file is not None:  # pg_ctl says only "Examine the log output."
-                with contextlib.suppress(OSError):
-                    fatal = [line for line in log_file.read_text(errors="replace").splitlines() if "FATAL" in line]
+            if log_file is not None:  # pg_ctl says only "Examine the log output."; this run's lines
+                with contextlib.suppress(OSError), open(log_file, "rb") as lines:
+                    lines.seek(log_from)
+                    fatal = [line for line in lines.read().decode(errors="replace").splitlines() if "FATAL" in line]
                     said = f"{fatal[-1] if fatal else said} (log: {log_file})"
             raise StackError(f"{what} failed: {said}")
 
@@ -309,9 +314,10 @@ class Stack:
         )
         _refuse_busy(state.postgres_port, "postgres")
         log.info("starting postgres on 127.0.0.1:%d", state.postgres_port)
+        log_file = self.pg_dir / "postgres.log"
         self._pg_run(
-            [pg_ctl, "-D", str(self.pg_data), "-l", str(self.pg_dir / "postgres.log"), "-o", options, "-w", "-t", "60", "start"],
-            "pg_ctl start", self.pg_dir / "postgres.log",
+            [pg_ctl, "-D", str(self.pg_data), "-l", str(log_file), "-o", options, "-w", "-t", "60", "start"],
+            "pg_ctl start", log_file, log_file.stat().st_size if log_file.exists() else 0,
         )  # fmt: skip
         asyncio.run(self._create_database(state.postgres_port))
 

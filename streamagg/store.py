@@ -549,12 +549,13 @@ class Store:
             queued_by, list(ids),
         )  # fmt: skip
 
-    async def owed_rollups(self, exclude: str) -> dict[int, list[int]]:
-        """The hours (epoch ms) other workers than ``exclude`` queued and did not roll up yet,
-        each with its queue rows."""
+    async def owed_rollups(self, exclude: str, queued_by_like: str = "%") -> dict[int, list[int]]:
+        """The hours (epoch ms) other workers than ``exclude`` (or backfills: ``queued_by_like``
+        a LIKE pattern of the queuers) queued and did not roll up yet, each with its queue rows."""
         records = await self._fetch(
-            "reading the roll-up queue", f"SELECT hour, id FROM {ROLLUP_QUEUE} WHERE queued_by <> $1", exclude
-        )
+            "reading the roll-up queue", f"SELECT hour, id FROM {ROLLUP_QUEUE} WHERE queued_by <> $1 AND queued_by LIKE $2",
+            exclude, queued_by_like,
+        )  # fmt: skip
         owed: dict[int, list[int]] = {}
         for record in records:
             owed.setdefault(to_ms(record["hour"]), []).append(record["id"])

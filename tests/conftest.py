@@ -44,6 +44,7 @@ def stack_factory() -> Iterator[callable]:
     for stack, root in made:
         stack.down()
         shutil.rmtree(root, ignore_errors=True)
+        (root.parent / f".{root.name}.lock").unlink(missing_ok=True)  # the stack's lock, kept by design
 
 
 @pytest.fixture(scope="session")

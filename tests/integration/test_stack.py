@@ -104,6 +104,7 @@ def test_two_ups_at_once_a_crashed_postgres_and_a_down_keep_what_the_stack_did_n
     finally:
         Stack(root, cache_dir).down()
         shutil.rmtree(root, ignore_errors=True)
+        (root.parent / f".{root.name}.lock").unlink(missing_ok=True)
 
 
 def test_a_taken_port_is_named() -> None:
@@ -116,6 +117,7 @@ def test_a_taken_port_is_named() -> None:
     finally:
         Stack(root, Settings().cache_dir).down()
         shutil.rmtree(root, ignore_errors=True)
+        (root.parent / f".{root.name}.lock").unlink(missing_ok=True)
 
 
 def test_a_stack_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from streamagg.aggregate import AggregateState, roll_up
 from streamagg.buckets import HOUR_MS, bucket_start_ms, rfc3339, to_datetime, to_ms
-from streamagg.rollup import roll_up_owed, rollup, rollup_keys
+from streamagg.rollup import BACKFILL_QUEUE_TAG, roll_up_owed, rollup, rollup_keys
 from streamagg.settings import Settings
 from streamagg.store import Store, WriteResult
 from streamagg.oracle import exact_hours
@@ -190,8 +190,8 @@ def test_owed_roll_ups_remake_the_days_of_series_that_lost_some_of_their_hours(d
                     "DELETE FROM observability.metrics_aggregates WHERE granularity = 'hour' AND bucket_time = $1 "
                     "AND metric_name = $2 AND dimension_type = $3 AND dimension_value = $4", to_datetime(START_MS), *user[1:],
                 )  # fmt: skip
-                await conn.execute("INSERT INTO observability.metrics_rollup_queue (hour, queued_by) VALUES ($1, 'a-backfill')",
-                                   to_datetime(START_MS))  # fmt: skip
+                await conn.execute("INSERT INTO observability.metrics_rollup_queue (hour, queued_by) VALUES ($1, $2)",
+                                   to_datetime(START_MS), f"app{BACKFILL_QUEUE_TAG}1")  # fmt: skip
             finally:
                 await conn.close()
             await roll_up_owed(store, exclude="a-live-worker")
