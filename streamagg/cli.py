@@ -427,13 +427,14 @@ def generate(settings: Settings, hours: int, events_per_hour: int, seed: int, st
 
 
 def _tables_console() -> Any:
-    """stdout for tables, at least 160 columns wide: narrower, rich cut numbers to "28,1…",
-    which read as values; a narrow terminal wraps the lines instead."""
+    """stdout for tables, room for 200 columns (a table takes what it needs: the dashboard about
+    190): narrower, rich cut numbers to "28,1…", which read as values, and metric names; a
+    narrower terminal wraps the lines instead."""
     import shutil
 
     from rich.console import Console
 
-    return Console(width=max(160, shutil.get_terminal_size().columns) if sys.stdout.isatty() else 160)
+    return Console(width=max(200, shutil.get_terminal_size().columns) if sys.stdout.isatty() else 200)
 
 
 def _stderr_console() -> Any:

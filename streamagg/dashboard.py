@@ -35,7 +35,7 @@ def dashboard(
     hours = {(r.metric_name, r.dimension_value): r for r in hour_rows if _natural(r) or r.dimension_type is None}
     days = {(r.metric_name, r.dimension_value): r for r in day_rows if _natural(r) or r.dimension_type is None}
     table = Table(title=f"streamagg dashboard: last hour {hour_label}, day {day_label}", show_lines=False)
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True, min_width=max(len(metric.name) for metric in METRICS))
     table.add_column("by", no_wrap=True, min_width=28)
     for scope in ("hour", "day"):
         for stat in ("count", "avg", "p50", "p95", "p99"):
