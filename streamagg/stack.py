@@ -113,7 +113,7 @@ def _port_is_free(port: int) -> bool:
 def _refuse_busy(port: int, server: str) -> None:
     if not _port_is_free(port):
         raise StackError(f"cannot start {server}: 127.0.0.1:{port} is taken by another process; stop it, "
-                         "or `streamagg stack down` and `up` again (a new stack picks free ports)")  # fmt: skip
+                         f"or ask for another port (`streamagg stack up --{server}-port N`)")  # fmt: skip
 
 
 def _answers(port: int) -> bool:
@@ -171,12 +171,29 @@ class Stack:
             raise StackError(f"{self.root} is closed to the postgres system user (mode "
                              f"{self.root.stat().st_mode & 0o777:o}); give a new directory, or open it with chmod o+x")  # fmt: skip
         with self._locked():
-            state = self._load_state() or self._new_state(kafka_port, postgres_port)
+            state = self._load_state()
+            if state is None:
+                state = self._new_state(kafka_port, postgres_port)
+            else:
+                self._move(state, kafka_port, postgres_port)
             self._save_state(state)
             self._postgres_up(state, initdb, pg_ctl)
             self._kafka_up(state, java)
             self._save_state(state)
             return self.info(state)
+
+    def _move(self, state: _State, kafka_port: int | None, postgres_port: int | None) -> None:
+        """Ports asked of an existing stack: taken while its servers are stopped, refused while
+        they run (they were ignored, and the stack came up on its saved ports)."""
+        wanted = {"kafka": (kafka_port, state.kafka_port), "postgres": (postgres_port, state.postgres_port)}
+        moved = {name: port for name, (port, now) in wanted.items() if port and port != now}
+        if not moved:
+            return
+        if self._kafka_running(state) or self._postgres_running(state):
+            raise StackError(f"the stack in {self.root} runs with kafka on 127.0.0.1:{state.kafka_port} and postgres "
+                             f"on 127.0.0.1:{state.postgres_port}; `streamagg stack down` first to move it")  # fmt: skip
+        state.kafka_port = moved.get("kafka", state.kafka_port)
+        state.postgres_port = moved.get("postgres", state.postgres_port)
 
     def down(self) -> None:
         if not self.root.exists():

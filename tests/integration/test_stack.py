@@ -107,13 +107,22 @@ def test_two_ups_at_once_a_crashed_postgres_and_a_down_keep_what_the_stack_did_n
         (root.parent / f".{root.name}.lock").unlink(missing_ok=True)
 
 
-def test_a_taken_port_is_named() -> None:
+def test_a_taken_port_is_named_and_another_one_asked_for_is_taken_up() -> None:
+    """The saved port of a stack that failed to start is not kept against a new one asked for
+    (it was, until `down`); a running stack refuses to move."""
     root = fresh_root()
+    kafka = free_port()
     try:
         with socket.create_server(("127.0.0.1", 0)) as taken:
             port = taken.getsockname()[1]
             with pytest.raises(StackError, match=f"cannot start postgres: 127.0.0.1:{port} is taken by another process"):
-                Stack(root, Settings().cache_dir).up(kafka_port=free_port(), postgres_port=port)
+                Stack(root, Settings().cache_dir).up(kafka_port=kafka, postgres_port=port)
+            other = free_port()
+            info = Stack(root, Settings().cache_dir).up(postgres_port=other)
+            assert info.database_url.startswith(f"postgresql://postgres@127.0.0.1:{other}/")
+            assert info.kafka_bootstrap == f"127.0.0.1:{kafka}"
+            with pytest.raises(StackError, match=f"runs with kafka on 127.0.0.1:{kafka} and postgres on 127.0.0.1:{other}"):
+                Stack(root, Settings().cache_dir).up(postgres_port=free_port())
     finally:
         Stack(root, Settings().cache_dir).down()
         shutil.rmtree(root, ignore_errors=True)
