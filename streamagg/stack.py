@@ -314,6 +314,8 @@ class Stack:
     def _postgres_up(self, state: _State, initdb: str, pg_ctl: str) -> None:
         if self._postgres_running(state):
             log.info("postgres already running on 127.0.0.1:%d", state.postgres_port)
+            # An `up` stopped between the start and CREATE DATABASE left it without one for good.
+            asyncio.run(self._create_database(state.postgres_port))
             return
         run_dir = self.pg_dir / "run"
         if not (self.pg_data / "PG_VERSION").exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from streamagg.errors import StackError
@@ -54,6 +56,26 @@ def test_up_is_idempotent_and_prints_only_exports(stack: tuple[Stack, StackInfo]
             f"export STREAMAGG_DATABASE_URL={info.database_url}",
         ]
     assert instance.status()["kafka"]["pid"] == pid_before  # nothing was restarted
+
+
+def test_up_makes_the_database_a_stopped_up_did_not(stack_factory) -> None:
+    """An `up` interrupted after PostgreSQL started and before CREATE DATABASE: the next `up`
+    finds the server running and still makes the database (it returned early, for good)."""
+    instance, info = stack_factory()
+    server = info.database_url.rsplit("/", 1)[0]
+
+    async def databases(statement: str | None = None) -> list[str]:
+        conn = await asyncpg.connect(f"{server}/postgres")
+        try:
+            if statement:
+                await conn.execute(statement)
+            return [r[0] for r in await conn.fetch("SELECT datname FROM pg_database")]
+        finally:
+            await conn.close()
+
+    assert "streamagg" not in asyncio.run(databases('DROP DATABASE "streamagg"'))
+    assert instance.up() == info
+    assert "streamagg" in asyncio.run(databases())
 
 
 def test_status_reports_both_running(stack_env: dict[str, str]) -> None:
