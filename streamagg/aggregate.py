@@ -148,15 +148,16 @@ class Agg:
         return Agg(self.sketch.kind if self.sketch is not None else None)
 
     @classmethod
-    def merged(cls, parts: Sequence[Agg]) -> Agg:
+    def merged(cls, parts: Sequence[Agg], into_first: bool = False) -> Agg:
         """A new aggregate of all of ``parts`` (at least one), merged in order; the parts stay as
-        they were. Parts of several sketch kinds go past-exact-mode first, so the merge does not
+        they were, unless ``into_first`` lets the first one take the others (throwaway parts:
+        no copy). Parts of several sketch kinds go past-exact-mode first, so the merge does not
         depend on their order: it fails (:class:`SketchKindsMismatch`) only if two kinds hold
         parts past exact mode; exact parts of the others join as their values."""
         if len({part.sketch.kind for part in parts if part.sketch is not None}) > 1:
             parts = sorted(parts, key=lambda part: part.sketch is not None and part.sketch.is_exact)
-        out = parts[0].empty_like()
-        for part in parts:
+        out = parts[0] if into_first else parts[0].empty_like()
+        for part in parts[1:] if into_first else parts:
             out.merge(part)
         return out
 

@@ -218,13 +218,8 @@ def merge_rows(rows: Iterable[Row], granularity: QueryGranularity) -> list[Query
     results = []
     for key in sorted(grouped, key=lambda k: (k[0] if k[0] is not None else 0, k[1], k[2] or "", k[3] or "")):
         parts = grouped[key]
-        agg = parts[0][0]
-        try:
-            if len({part.sketch.kind for part, _ in parts if part.sketch is not None}) > 1:
-                agg = Agg.merged([part for part, _ in parts])  # in an order that does not matter
-            else:
-                for part, _ in parts[1:]:  # into the first: no copy (Agg.merged's cost 35-50% more)
-                    agg.merge(part)
+        try:  # the rows' aggregates are this call's own: no copy (35-50% of the merge's time)
+            agg = Agg.merged([part for part, _ in parts], into_first=True)
         except SketchKindsMismatch:
             raise MixedSketchKinds(_mixed_kinds(parts)) from None
         results.append(_result(key, agg))

@@ -314,9 +314,12 @@ class Stack:
     def _postgres_up(self, state: _State, initdb: str, pg_ctl: str) -> None:
         if self._postgres_running(state):
             log.info("postgres already running on 127.0.0.1:%d", state.postgres_port)
-            # An `up` stopped between the start and CREATE DATABASE left it without one for good.
-            asyncio.run(self._create_database(state.postgres_port))
-            return
+        else:
+            self._postgres_start(state, initdb, pg_ctl)
+        # Also when it ran: an `up` stopped between the start and CREATE DATABASE left none for good.
+        asyncio.run(self._create_database(state.postgres_port))
+
+    def _postgres_start(self, state: _State, initdb: str, pg_ctl: str) -> None:
         run_dir = self.pg_dir / "run"
         if not (self.pg_data / "PG_VERSION").exists():
             shutil.rmtree(self.pg_dir, ignore_errors=True)
@@ -338,7 +341,6 @@ class Stack:
             [pg_ctl, "-D", str(self.pg_data), "-l", str(log_file), "-o", options, "-w", "-t", "60", "start"],
             "pg_ctl start", log_file, log_file.stat().st_size if log_file.exists() else 0,
         )  # fmt: skip
-        asyncio.run(self._create_database(state.postgres_port))
 
     def _chown_to_pg_user(self, path: Path) -> None:
         if os.geteuid() != 0:

@@ -21,8 +21,9 @@ from .events import Reason
 
 NAMESPACE = "observability"
 # Stages of observability_aggregation_errors_total (app.py): a batch that raised, the database
-# (connect, flush, rollup; also rows left as they were because their sketches do not merge), offsets the consumer skipped and that were read again, and every
-# error the Kafka client logged (an unreachable broker: streamagg.logs).
+# (connect, flush, rollup; also rows left as they were because their sketches do not merge),
+# offsets the consumer skipped and that were read again, and every error the Kafka client
+# logged (an unreachable broker: streamagg.logs).
 ERROR_STAGES = ("process", "connect", "flush", "rollup", "skipped_offset", "kafka")
 
 
