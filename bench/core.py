@@ -4,7 +4,8 @@ Builds N generated events as the generator sends them (compact JSON values, 8 pa
 topic keyed by the event's id, consecutive offsets per partition), then times
   (a) baseline: ``json.loads`` of every message value;
   (b) streamagg: ``Pipeline.process`` in batches of ``--batch`` messages (mixed topics and
-      partitions, as the worker takes them), on a fresh pipeline each repeat.
+      partitions, grouped by topic-partition as the consumer fetches them), on a fresh
+      pipeline each repeat.
 No Kafka, no PostgreSQL. Prints the median of the repeats of both rates and the ratio.
 
     .venv/bin/python -m bench.core [--events 200000] [--hours 4] [--batch 10000] [--repeats 5]
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from streamagg.buckets import HOUR_MS
 from streamagg.pipeline import Pipeline, RawMessage
 from streamagg.settings import Settings, load_settings
+from streamagg.state import collect_less_often
 from streamagg.synth import Synth
 from streamagg.telemetry import Telemetry
 
@@ -52,11 +54,22 @@ def time_json(batch: list[RawMessage]) -> float:
     return time.perf_counter() - started
 
 
-def time_pipeline(settings: Settings, batch: list[RawMessage], size: int, end_ms: int) -> float:
+def batches(messages: list[RawMessage], size: int) -> list[dict[tuple[str, int], list[RawMessage]]]:
+    """``messages`` in batches of ``size``, each by topic-partition, as the consumer fetches them."""
+    out = []
+    for i in range(0, len(messages), size):
+        batch: dict[tuple[str, int], list[RawMessage]] = {}
+        for message in messages[i : i + size]:
+            batch.setdefault((message.topic, message.partition), []).append(message)
+        out.append(batch)
+    return out
+
+
+def time_pipeline(settings: Settings, fetches: list[dict[tuple[str, int], list[RawMessage]]], end_ms: int) -> float:
     pipeline = Pipeline(settings, Telemetry(CollectorRegistry()), lambda topic, partition: [], clock=lambda: end_ms)
     started = time.perf_counter()
-    for i in range(0, len(batch), size):
-        processed = pipeline.process(batch[i : i + size])
+    for fetch in fetches:
+        processed = pipeline.process(fetch)
         if processed.dead or processed.seeks:
             raise SystemExit(f"unexpected dead letters or seeks in a generated batch: {processed}")
     return time.perf_counter() - started
@@ -72,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = load_settings()  # STREAMAGG_* apply (e.g. STREAMAGG_SKETCH_KIND), as for the worker
     batch = messages(settings, args.events, args.hours, args.seed)
+    fetches = batches(batch, args.batch)
+    collect_less_often()  # as the worker does
     end_ms = START_MS + args.hours * HOUR_MS  # a fixed clock: no partition looks idle
     json_seconds, core_seconds = [], []
     for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits both alike
         json_seconds.append(time_json(batch))
-        core_seconds.append(time_pipeline(settings, batch, args.batch, end_ms))
+        core_seconds.append(time_pipeline(settings, fetches, end_ms))
     json_rate = len(batch) / statistics.median(json_seconds)
     core_rate = len(batch) / statistics.median(core_seconds)
     print(f"events                      {len(batch):>12,}  ({args.hours} h, batches of {args.batch:,}, {args.repeats} repeats)")

@@ -64,7 +64,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
-from bench.core import messages
+from bench.core import batches, messages
 from bench.procs import broker_port, cpu_seconds, listener_pid
 from bench.throughput import input_parser, plain_consumer, prefilled
 from streamagg.aggregate import Agg, AggregateState, Key, Row, roll_up, roll_up_rows
@@ -106,9 +106,8 @@ def required_output(settings: Settings, events: int, hours: int, seed: int, star
     value`` bytes, packed into values of at most CHANGELOG_VALUE_BYTES) and its partials."""
     end_ms = start_ms + hours * HOUR_MS
     pipeline = Pipeline(settings, Telemetry(CollectorRegistry()), lambda topic, partition: [], clock=lambda: end_ms)
-    batch = messages(settings, events, hours, seed, start_ms)
-    for i in range(0, len(batch), 10_000):
-        pipeline.process(batch[i : i + 10_000])
+    for fetch in batches(messages(settings, events, hours, seed, start_ms), 10_000):
+        pipeline.process(fetch)
     merged = AggregateState(settings.metric_sketch_kinds(), settings.max_series_per_dimension)
     for state in pipeline.states.values():
         merged.merge(state.aggregates)

@@ -47,7 +47,7 @@ from .buckets import DAY_MS, WEEK_MS, bucket_start_ms
 from .errors import StreamaggError
 from .lanes import in_lanes
 from .logs import count_client_errors, keep_own_lines
-from .pipeline import DeadLetter, Flushable, Pipeline, RawMessage, TopicPartition
+from .pipeline import DeadLetter, Flushable, Pipeline, TopicPartition
 from .rollup import roll_up_owed, rollup, rollup_keys
 from .settings import Settings
 from .state import PartitionState, collect_less_often, decode_key
@@ -417,14 +417,9 @@ class Runtime:
             if generation != self.app.consumer_generation_id:
                 return batch
             ready = self._ready
-            messages = [
-                RawMessage(r.topic, r.partition, r.offset, r.value, r.timestamp, r.key)
-                for tp, records in batch.items()
-                if tp in ready
-                for r in records
-            ]
+            taken = {tp: records for tp, records in batch.items() if tp in ready}
             untaken = {tp: records for tp, records in batch.items() if tp not in ready}
-            processed = self.pipeline.process(messages)
+            processed = self.pipeline.process(taken)
             # Queued in a list of the batch's own: a checkpoint failing meanwhile puts its
             # undelivered letters back at the front of the shared one.
             letters: list[tuple[DeadLetter, asyncio.Future | None]] = [(letter, None) for letter in processed.dead]

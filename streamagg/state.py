@@ -254,6 +254,15 @@ class PartitionState:
         the next expected one stops the batch there and asks for a seek back to the first
         missing offset. Offsets already seen are dropped (redeliveries).
         """
+        if offsets and self._hole is None:
+            # The usual fetch: the next offsets, consecutive. Taken at once, not one by one.
+            first, count = offsets[0], len(offsets)
+            expected = self.position
+            if expected is None and self.offset >= 0:
+                expected = min(first, self.offset + 1)
+            if (expected is None or first == expected) and offsets[-1] - first == count - 1 and list(offsets) == list(range(first, first + count)):
+                self.position = first + count
+                return Admission(list(range(count)))
         taken: list[int] = []
         for i, offset in enumerate(offsets):
             expected = self.position
