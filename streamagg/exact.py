@@ -71,6 +71,26 @@ def add(total: ExactSum, values: Iterable[float]) -> ExactSum:
     return exact_sum([*total, *values])
 
 
+def add_one(total: ExactSum, value: float) -> ExactSum:
+    """``total`` plus one ``value`` (finite, or another total's one part), exactly: :func:`add`,
+    0.11 us instead of 0.36 for the totals of one part or none that most keys hold (a user's
+    hour). One part plus a value is the rounded sum and its rounding error, both exact floats
+    (Knuth's TwoSum): the parts :func:`exact_sum` peels off, as IEEE addition rounds correctly,
+    like ``math.fsum``."""
+    if not total:
+        return (value,) if value else ZERO
+    if len(total) == 1:
+        part = total[0]
+        rounded_sum = part + value
+        if -math.inf < rounded_sum < math.inf:  # an infinite part, or an overflow: the general way
+            if not rounded_sum:
+                return ZERO
+            back = rounded_sum - part
+            error = (part - (rounded_sum - back)) + (value - back)
+            return (rounded_sum, error) if error else (rounded_sum,)
+    return add(total, (value,))
+
+
 def rounded(total: ExactSum) -> float:
     """The correctly rounded value of an exact sum (its leading part, by construction)."""
     return total[0] if total else 0.0
@@ -86,9 +106,9 @@ def fingerprints(values: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def combine_fingerprints(*parts: int) -> int:
-    """Fingerprint of the union of multisets: the sum modulo 2**64."""
-    return sum(parts) & _MASK64
+def combine_fingerprints(first: int, second: int) -> int:
+    """Fingerprint of the union of two multisets: the sum modulo 2**64."""
+    return (first + second) & _MASK64
 
 
 def to_signed64(fingerprint: int) -> int:

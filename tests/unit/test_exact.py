@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from fractions import Fraction
@@ -35,6 +36,20 @@ def test_sum_does_not_depend_on_order_or_grouping() -> None:
         right = exact.exact_sum(values[cut:])
         assert exact.rounded(exact.add(left, right)) == whole
         assert exact.rounded(exact.add(right, left)) == whole
+
+
+def test_add_one_gives_the_parts_add_gives() -> None:
+    """The one-value fast path against the general one, part for part: magnitudes far apart
+    (an error part), cancellation to zero, subnormals, overflow, infinite totals, zero."""
+    rng = random.Random(11)
+    big, tiny = 1.7976931348623157e308, 5e-324
+    values = [0.0, 1.0, 0.1, 1e16, 1e-16, 2.0**53, 2.0**53 + 2, big, big / 2, tiny, 3 * tiny, 1e308, math.inf]
+    values += [rng.lognormvariate(5, 3) * rng.choice([1e-300, 1e-9, 1, 1e9, 1e300]) for _ in range(300)]
+    totals = [exact.ZERO, exact.exact_sum([math.inf]), exact.exact_sum([1.0, 1e-30]), exact.exact_sum([big, big / 4])]
+    totals += [exact.exact_sum([value]) for value in values] + [exact.exact_sum([-value]) for value in values]
+    for total in totals:
+        for value in values:
+            assert exact.add_one(total, value) == exact.add(total, (value,)), (total, value)
 
 
 def test_naive_float_sum_would_differ() -> None:
@@ -72,12 +87,12 @@ def test_a_finite_sum_near_the_float_range_is_finite_in_any_order() -> None:
 def test_fingerprints_are_order_independent_and_sensitive() -> None:
     rng = np.random.default_rng(1)
     values = rng.lognormal(5, 1, 1000)
-    fp = exact.combine_fingerprints(*exact.fingerprints(values).tolist())
+    fp = functools.reduce(exact.combine_fingerprints, exact.fingerprints(values).tolist())
     shuffled = rng.permutation(values)
-    assert exact.combine_fingerprints(int(np.add.reduce(exact.fingerprints(shuffled)))) == fp
+    assert exact.combine_fingerprints(int(np.add.reduce(exact.fingerprints(shuffled))), 0) == fp
     changed = values.copy()
     changed[10] = np.nextafter(changed[10], np.inf)
-    assert exact.combine_fingerprints(*exact.fingerprints(changed).tolist()) != fp
+    assert functools.reduce(exact.combine_fingerprints, exact.fingerprints(changed).tolist()) != fp
 
 
 def test_negative_zero_fingerprints_like_zero() -> None:
