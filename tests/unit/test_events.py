@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -307,3 +308,26 @@ def test_a_dead_letter_carries_the_value_as_it_came() -> None:
     big = letter(b"x" * (MAX_DEAD_LETTER_VALUE + 5))
     assert big.value() == b"x" * MAX_DEAD_LETTER_VALUE
     assert (("truncated_from", str(MAX_DEAD_LETTER_VALUE + 5).encode())) in big.headers()
+
+
+@pytest.mark.parametrize("name", ["trace_id", "operation_type", "status", "duration_ms", "started_at", "kb_id"])
+def test_validation_takes_each_value_as_its_fields_check_does(name: str) -> None:
+    """validate's shortcuts for the usual values (a plain string, a finite float, a small int)
+    give what the field's own check gives, and refuse what it refuses, for all value types."""
+    from streamagg.events import _CHECKS
+
+    ftype = dict(SCHEMAS["traces"].required + SCHEMAS["traces"].optional)[name]
+    values = ["chat", "", "é", "a\x00b", "x" * 256, "x" * 257, "\ud800", "2026-11-26T13:00:00Z", "2026-11-26",
+              0, 7, -1, 2**53 + 1, 2**63, 2**1023 - 1, 2**1023, 2**1024, 10**400, 1_764_115_200_000, 253_401_868_799_999,
+              253_401_868_800_000, -62_135_596_800_000, -62_135_596_800_001,
+              0.0, -0.0, 1.5, -1.5, 1e308, math.inf, -math.inf, math.nan, True, False, [1], {"a": 1}]  # fmt: skip
+    for value in values:
+        try:
+            want: object = _CHECKS[ftype](name, value)
+        except Rejected as exc:
+            want = exc.reason
+        try:
+            got: object = validate("traces", {**TRACE, name: value}).fields[name]
+        except Rejected as exc:
+            got = exc.reason
+        assert type(got) is type(want) and (got == want or got != got and want != want), (value, got, want)
