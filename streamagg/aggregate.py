@@ -304,7 +304,7 @@ class Agg:
 def _full_head(parts: int) -> struct.Struct:
     """:attr:`Agg._HEAD`, :attr:`Agg._FULL` and ``parts`` exact-sum parts as one struct: a full
     aggregate's fixed fields packed at once (its encoding 1.31 -> 1.06 us, measured)."""
-    return struct.Struct(f"<BBQddQBB{parts}d")
+    return struct.Struct(Agg._HEAD.format + Agg._FULL.format[1:] + f"{parts}d")
 
 
 @functools.lru_cache(maxsize=64)

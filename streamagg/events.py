@@ -31,7 +31,8 @@ _MIN_EPOCH_MS: Final = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 _MAX_EPOCH_MS: Final = 253_401_868_799_999  # 9999-12-26T23:59:59.999Z
 # orjson reads integer literals outside [-2**63, 2**64) as floats, all of magnitude >= 2**63.
 _WIDE_INTEGER: Final = 2.0**63
-# Integers below this are finite as floats: what :func:`_number` checks of an integer.
+# Integers below this are finite as floats, so :func:`_number` takes them (it takes some larger
+# ones too, up to about 2**1024 - 2**970: those go to it).
 _FINITE_FLOAT_INT: Final = 2**1023
 
 
@@ -129,8 +130,8 @@ class Event:
 
     ``fields`` holds every known field that is present and not null: dimensions as ``str``,
     numbers as ``int``/``float``, timestamps as epoch milliseconds. Unknown fields are dropped.
-    Treated as immutable, but not ``frozen``, like :class:`~streamagg.aggregate.Row`: 0.39 us
-    to build against 0.20, once an event (measured).
+    Treated as immutable, but not ``frozen`` (as :class:`~streamagg.aggregate.Row` is not):
+    0.39 us to build against 0.20, once an event (measured).
     """
 
     kind: EventKind

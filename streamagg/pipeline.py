@@ -1,4 +1,4 @@
-"""The worker's processing, without Faust: raw messages in; dead letters, checkpoint records
+"""The worker's processing, without Faust: consumed records in; dead letters, checkpoint records
 and rows to write out. ``app.py`` wires it to Kafka (Faust) and PostgreSQL (store).
 
 Every input is a :class:`Record`: the consumer's own records (aiokafka's ``ConsumerRecord``),
@@ -175,12 +175,12 @@ class Pipeline:
                     dead.append(DeadLetter(message, exc.reason, exc.detail))
             horizon = state.closed_hours_before(self._grace_ms, self._idle_ms)
             late = sum(1 for _, event in valid if event.time_ms // HOUR_MS * HOUR_MS + HOUR_MS <= horizon)
-            result = state.ingest(valid, self._max_lateness_ms)
+            result = state.ingest(valid, max_lateness_ms)
             applied += result.applied
             for position in result.too_late:
                 event = valid[position][1]
                 dead.append(DeadLetter(valid_messages[position], Reason.TOO_LATE, f"event time {event.time_ms} ms is older than "
-                                       f"watermark {state.watermark_ms} ms - {self._max_lateness_ms} ms"))  # fmt: skip
+                                       f"watermark {state.watermark_ms} ms - {max_lateness_ms} ms"))  # fmt: skip
             self._telemetry.too_late.inc(len(result.too_late))
             self._telemetry.late_events.inc(max(0, late - len(result.too_late)))
             state.advance(group[-1].offset)

@@ -260,7 +260,7 @@ class PartitionState:
             expected = self.position
             if expected is None and self.offset >= 0:
                 expected = min(first, self.offset + 1)
-            if (expected is None or first == expected) and offsets[-1] - first == count - 1 and list(offsets) == list(range(first, first + count)):
+            if (expected is None or first == expected) and list(offsets) == list(range(first, first + count)):
                 self.position = first + count
                 return Admission(list(range(count)))
         taken: list[int] = []

@@ -40,13 +40,15 @@ def test_sum_does_not_depend_on_order_or_grouping() -> None:
 
 def test_add_one_gives_the_parts_add_gives() -> None:
     """The one-value fast path against the general one, part for part: magnitudes far apart
-    (an error part), cancellation to zero, subnormals, overflow, infinite totals, zero."""
+    (an error part), cancellation to zero, subnormals, overflow, infinite totals, zero, and the
+    negative values and totals the state never holds (TwoSum of opposite signs can overflow)."""
     rng = random.Random(11)
     big, tiny = 1.7976931348623157e308, 5e-324
     values = [0.0, 1.0, 0.1, 1e16, 1e-16, 2.0**53, 2.0**53 + 2, big, big / 2, tiny, 3 * tiny, 1e308, math.inf]
     values += [rng.lognormvariate(5, 3) * rng.choice([1e-300, 1e-9, 1, 1e9, 1e300]) for _ in range(300)]
     totals = [exact.ZERO, exact.exact_sum([math.inf]), exact.exact_sum([1.0, 1e-30]), exact.exact_sum([big, big / 4])]
     totals += [exact.exact_sum([value]) for value in values] + [exact.exact_sum([-value]) for value in values]
+    values += [-value for value in values] + [2.9937604643020797e292]
     for total in totals:
         for value in values:
             assert exact.add_one(total, value) == exact.add(total, (value,)), (total, value)
