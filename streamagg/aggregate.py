@@ -266,11 +266,10 @@ class Agg:
             return self._HEAD.pack(self._VERSION, 0, self.count)
         total = self.total
         kind = _kind_bytes(sketch.kind)
-        return (
-            _full_head(len(total)).pack(self._VERSION, 1, self.count, self.min, self.max, self.fingerprint, len(total), len(kind), *total)
-            + kind
-            + sketch.serialize()
+        head = _full_head(len(total)).pack(
+            self._VERSION, 1, self.count, self.min, self.max, self.fingerprint, len(total), len(kind), *total
         )
+        return head + kind + sketch.serialize()
 
     @classmethod
     def decode(cls, data: bytes) -> Agg:
