@@ -140,8 +140,7 @@ class Agg:
                 raise SketchKindsMismatch(f"cannot merge aggregates: {exc}") from exc
             except SketchError as exc:
                 raise StateError(f"cannot merge aggregates: {exc}") from exc
-            parts = other.total
-            self.total = exact.add_one(self.total, parts[0]) if len(parts) == 1 else exact.add(self.total, parts)
+            self.total = exact.add(self.total, other.total)
             if other.min < self.min:
                 self.min = other.min
             if other.max > self.max:

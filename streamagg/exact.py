@@ -15,7 +15,7 @@ bits, and a replay would then look like a change. Here:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -64,11 +64,11 @@ def _exact_sum_of_fractions(values: list[float]) -> ExactSum:
     return tuple(parts)
 
 
-def add(total: ExactSum, values: Iterable[float]) -> ExactSum:
-    """``total`` plus ``values``, exactly."""
-    if total == _INFINITE:
-        return _INFINITE
-    return exact_sum([*total, *values])
+def add(total: ExactSum, values: Sequence[float]) -> ExactSum:
+    """``total`` plus ``values``, exactly (one value by :func:`add_one`)."""
+    if len(values) == 1:
+        return add_one(total, values[0])
+    return _add_exactly(total, values)
 
 
 def add_one(total: ExactSum, value: float) -> ExactSum:
@@ -76,7 +76,8 @@ def add_one(total: ExactSum, value: float) -> ExactSum:
     keys add (a user's hour): a finite value >= 0 to a total of one part >= 0, or none. One part
     plus a value is their rounded sum and its rounding error, both exact floats (Knuth's
     TwoSum, which cannot overflow part-way with both >= 0): the parts :func:`exact_sum` peels
-    off, as IEEE addition rounds correctly, like ``math.fsum``. Anything else goes to :func:`add`."""
+    off, as IEEE addition rounds correctly, like ``math.fsum``. Anything else is summed the
+    general way."""
     if 0.0 <= value < math.inf:
         if not total:
             return (value,) if value else ZERO
@@ -89,7 +90,14 @@ def add_one(total: ExactSum, value: float) -> ExactSum:
                 back = rounded_sum - part
                 error = (part - (rounded_sum - back)) + (value - back)
                 return (rounded_sum, error) if error else (rounded_sum,)
-    return add(total, (value,))
+    return _add_exactly(total, (value,))
+
+
+def _add_exactly(total: ExactSum, values: Sequence[float]) -> ExactSum:
+    """:func:`add` the general way: every part and value summed again."""
+    if total == _INFINITE:
+        return _INFINITE
+    return exact_sum([*total, *values])
 
 
 def rounded(total: ExactSum) -> float:

@@ -257,18 +257,13 @@ class PartitionState:
         if offsets and self._hole is None:
             # The usual fetch: the next offsets, consecutive. Taken at once, not one by one.
             first, count = offsets[0], len(offsets)
-            expected = self.position
-            if expected is None and self.offset >= 0:
-                expected = min(first, self.offset + 1)
+            expected = self._expected(first)
             if (expected is None or first == expected) and list(offsets) == list(range(first, first + count)):
                 self.position = first + count
                 return Admission(list(range(count)))
         taken: list[int] = []
         for i, offset in enumerate(offsets):
-            expected = self.position
-            if expected is None and self.offset >= 0:
-                # restored: the consumer restarts at the committed offset, at most offset + 1
-                expected = offset if offset <= self.offset + 1 else self.offset + 1
+            expected = self._expected(offset)
             if expected is not None and offset < expected:
                 continue
             if expected is not None and offset > expected and not self._accept_hole(expected, offset):
@@ -278,6 +273,13 @@ class PartitionState:
             if self._hole is not None and offset >= self._hole[0]:
                 self._hole = None
         return Admission(taken)
+
+    def _expected(self, offset: int) -> int | None:
+        """The offset due next, given that ``offset`` came (None: any, a partition's first)."""
+        if self.position is None and self.offset >= 0:
+            # restored: the consumer restarts at the committed offset, at most offset + 1
+            return min(offset, self.offset + 1)
+        return self.position
 
     def _seek_for(self, missing: int) -> int | None:
         now = self._clock()
