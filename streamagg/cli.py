@@ -66,7 +66,41 @@ def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _UsageError(click.UsageError):
+    """A usage error in one line (CONTRACT section 5), like the other errors, and where the help
+    is; click's own takes three: the usage, a hint and the error."""
+
+    def show(self, file: Any = None) -> None:
+        path = self.ctx.command_path if self.ctx is not None else "streamagg"
+        click.echo(f"Error: {self.format_message().rstrip('.')} (see '{path} --help')", file=file, err=file is None)
+
+
+class _Commands(click.Group):
+    """The command group, its subcommands' usage errors in one line: they are raised while a
+    group parses its own arguments or while it hands the rest to a subcommand."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+
+def _one_line(exc: click.UsageError) -> click.UsageError:
+    if isinstance(exc, _UsageError):
+        return exc
+    one = _UsageError(exc.format_message(), exc.ctx)
+    one.exit_code = exc.exit_code
+    return one
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="debug output of streamagg on stderr (-vv: of the libraries too)")
 @click.option("-q", "--quiet", is_flag=True, help="warnings and errors only on stderr")
 def main(verbose: int, quiet: bool) -> None:
@@ -80,7 +114,7 @@ def main(verbose: int, quiet: bool) -> None:
     configure_logging(verbose, quiet)
 
 
-@main.group()
+@main.group(cls=_Commands)
 def stack() -> None:
     """A local Kafka (KRaft, from Maven Central) and PostgreSQL on loopback, for development."""
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 import pytest
+from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from streamagg.buckets import rfc3339
-from streamagg.cli import TIME
+from streamagg.cli import TIME, main
 from streamagg.errors import ConfigError
 from streamagg.settings import load_settings, redact_dsn
 from streamagg.telemetry import serve
@@ -100,3 +101,36 @@ def test_progress_off_a_terminal_is_a_line_every_few_seconds_and_at_each_milesto
         "generate producing: 300,000 of 300,000 events",
     ]
 
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["query", "--from", "2026-11-26"], "Error: Missing option '--metric' (see 'streamagg query --help')"),
+        (["bogus"], "Error: No such command 'bogus' (see 'streamagg --help')"),
+        (["--nope"], "Error: No such option: --nope (see 'streamagg --help')"),
+        (["stack", "nope"], "Error: No such command 'nope' (see 'streamagg stack --help')"),
+        (
+            ["query", "--metric", "trace.count", "--from", "2026-11-26", "--to", "2026-11-27", "--granularity", "month"],
+            "Error: Invalid value for '--granularity': 'month' is not one of 'hour', 'day', 'week', 'total' "
+            "(see 'streamagg query --help')",
+        ),
+        (
+            ["stack", "up", "--kafka-port", "x"],
+            "Error: Invalid value for '--kafka-port': 'x' is not a valid integer (see 'streamagg stack up --help')",
+        ),
+    ],
+)
+def test_usage_errors_are_one_line_with_where_the_help_is(args: list[str], said: str) -> None:
+    """CONTRACT section 5: non-zero with a one-line reason. Click says a usage error in three
+    lines (the usage, a hint, the error), at every level of commands."""
+    result = CliRunner().invoke(main, args, prog_name="streamagg")
+    assert result.exit_code == 2
+    assert result.stderr == said + "\n"
+    assert result.stdout == ""
+
+
+def test_help_is_still_the_full_usage() -> None:
+    result = CliRunner().invoke(main, ["query", "--help"], prog_name="streamagg")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("Usage: streamagg query [OPTIONS]")
