@@ -277,7 +277,7 @@ class Runtime:
         self._flush_lock = asyncio.Lock()
         self._closing = False  # set by close(): a flush ends after its current pass
         self._failures = 0  # flush attempts in a row that failed
-        self._attempt_failed = False  # the current flush attempt failed (the backoff grew)
+        self._failed_stages: set[str] = set()  # what failed in the current flush attempt (logged once)
         self._retry_at = 0.0  # monotonic time before which flushes wait (exponential backoff)
         # Dead letters since the last checkpoint, each with its delivery (None: not queued yet,
         # or to be sent again). The next checkpoint sends what is not queued and awaits them all
@@ -529,7 +529,7 @@ class Runtime:
         a backlog is worked off, pass after pass: what closed meanwhile waits for no timer tick."""
         if time.monotonic() < self._retry_at:
             return  # backing off after a database error; the state waits in memory
-        self._attempt_failed = False
+        self._failed_stages.clear()
         async with self._flush_lock:
             try:
                 store = await self.store()
@@ -631,15 +631,17 @@ class Runtime:
 
     def _failed(self, stage: str, exc: StreamaggError) -> None:
         """Count a failed stage. The backoff grows once per flush attempt, however many of its
-        chunks failed: counted per chunk, one outage of 8 s reached the 60 s ceiling."""
+        chunks failed: counted per chunk, one outage of 8 s reached the 60 s ceiling. Each
+        stage's failure is logged once an attempt (every chunk in flight said it again)."""
         self.telemetry.errors.labels(stage).inc()
-        if not self._attempt_failed:
-            self._attempt_failed = True
+        if not self._failed_stages:
             self._failures += 1
             delay = min(RETRY_MAX_SECONDS, self.settings.flush_interval_seconds * 2 ** (self._failures - 1))
             self._retry_at = time.monotonic() + delay
-        log.warning("%s failed (%d in a row; state kept, retried in %.0f s): %s", stage, self._failures,
-                    self._retry_at - time.monotonic(), exc)  # fmt: skip
+        if stage not in self._failed_stages:
+            self._failed_stages.add(stage)
+            log.warning("%s failed (%d in a row; state kept, retried in %.0f s): %s", stage, self._failures,
+                        self._retry_at - time.monotonic(), exc)  # fmt: skip
 
     def log_progress(self) -> None:
         """A line of what the worker did since the last one, for whoever reads its log (a

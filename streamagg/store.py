@@ -336,9 +336,19 @@ class Store:
         try:
             # No JIT: these statements are index probes and batch upserts, whose cost estimates
             # pass jit_above_cost; compiling them took 150-200 ms a statement (measured).
+            # No floor of connections (min_size 0): asyncpg restores a floor in the background and
+            # logs every failed try of it with a 40-line traceback, five in a 20 s outage; the
+            # flush's own warnings and error counter already tell of one. A first connection
+            # says at once whether the database is there.
             pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=max_size, command_timeout=300, server_settings={"jit": "off"}
+                dsn, min_size=0, max_size=max_size, command_timeout=300, server_settings={"jit": "off"}
             )
+            try:
+                async with pool.acquire():
+                    pass
+            except BaseException:
+                pool.terminate()
+                raise
         except _DB_ERRORS as exc:
             # The message names the redacted DSN only: asyncpg's own may quote the password; the
             # server's (no such database, authentication failed) and the socket's do not.

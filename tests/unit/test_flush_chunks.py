@@ -3,10 +3,12 @@ when they fail."""
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from types import SimpleNamespace
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from streamagg.aggregate import Agg
@@ -56,17 +58,24 @@ def test_chunks_follow_the_lock_stripes() -> None:
         assert before[-1] <= after[0]
 
 
-def test_the_backoff_grows_once_per_flush_attempt() -> None:
+def test_the_backoff_grows_once_per_flush_attempt(caplog: pytest.LogCaptureFixture) -> None:
     """However many of an attempt's chunks fail: counted per chunk, an 8 s database outage
-    reached the 60 s ceiling, and rows came 40 s after the database did."""
+    reached the 60 s ceiling, and rows came 40 s after the database did. Each stage's failure
+    is logged once an attempt (every chunk in flight logged it)."""
     telemetry = Telemetry(CollectorRegistry())
     runtime = SimpleNamespace(telemetry=telemetry, settings=Settings(flush_interval_seconds=1.0),
-                              _failures=0, _attempt_failed=False, _retry_at=0.0)  # fmt: skip
+                              _failures=0, _failed_stages=set(), _retry_at=0.0)  # fmt: skip
     error = StoreError("writing partials failed: ConnectionDoesNotExistError", retriable=True)
-    for _ in range(5):  # one attempt, five failed chunks
-        Runtime._failed(runtime, "flush", error)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="streamagg"):
+        for _ in range(5):  # one attempt, five failed chunks
+            Runtime._failed(runtime, "flush", error)  # type: ignore[arg-type]
+        Runtime._failed(runtime, "rollup", error)  # type: ignore[arg-type]
     assert runtime._failures == 1 and 0.5 < runtime._retry_at - time.monotonic() <= 1.0
-    runtime._attempt_failed = False  # the next attempt (Runtime.flush starts each so)
-    Runtime._failed(runtime, "flush", error)  # type: ignore[arg-type]
+    assert [record.getMessage()[:30] for record in caplog.records] == ["flush failed (1 in a row; stat", "rollup failed (1 in a row; sta"]
+    runtime._failed_stages.clear()  # the next attempt (Runtime.flush starts each so)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="streamagg"):
+        Runtime._failed(runtime, "flush", error)  # type: ignore[arg-type]
     assert runtime._failures == 2 and 1.5 < runtime._retry_at - time.monotonic() <= 2.0
+    assert len(caplog.records) == 1
     assert telemetry.errors.labels("flush")._value.get() == 6  # every failure is counted
