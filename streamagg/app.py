@@ -527,10 +527,10 @@ class Runtime:
     async def flush(self) -> None:
         """Write closed hours' partials (and the final rows); roll up their days and weeks. While
         a backlog is worked off, pass after pass: what closed meanwhile waits for no timer tick."""
-        if time.monotonic() < self._retry_at:
-            return  # backing off after a database error; the state waits in memory
-        self._failed_stages.clear()
-        async with self._flush_lock:
+        async with self._flush_lock:  # the crontab's flush may wait here for the timer's
+            if time.monotonic() < self._retry_at:
+                return  # backing off after a database error (perhaps of the attempt waited for)
+            self._failed_stages.clear()  # a new attempt
             try:
                 store = await self.store()
             except StoreError as exc:
@@ -631,8 +631,9 @@ class Runtime:
 
     def _failed(self, stage: str, exc: StreamaggError) -> None:
         """Count a failed stage. The backoff grows once per flush attempt, however many of its
-        chunks failed: counted per chunk, one outage of 8 s reached the 60 s ceiling. Each
-        stage's failure is logged once an attempt (every chunk in flight said it again)."""
+        chunks failed: counted per chunk, one outage of 8 s reached the 60 s ceiling. A stage's
+        first failure of an attempt is logged, the others only counted (every chunk in flight
+        said the same again)."""
         self.telemetry.errors.labels(stage).inc()
         if not self._failed_stages:
             self._failures += 1

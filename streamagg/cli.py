@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from click.exceptions import NoArgsIsHelpError
 
 from .catalogue import METRICS_BY_NAME
 from .errors import StreamaggError
@@ -72,12 +73,29 @@ class _UsageError(click.UsageError):
 
     def show(self, file: Any = None) -> None:
         path = self.ctx.command_path if self.ctx is not None else "streamagg"
-        click.echo(f"Error: {self.format_message().rstrip('.')} (see '{path} --help')", file=file, err=file is None)
+        click.echo(f"Error: {self.format_message().rstrip('.')}; see '{path} --help'", file=file, err=file is None)
 
 
-class _Commands(click.Group):
-    """The command group, its subcommands' usage errors in one line: they are raised while a
-    group parses its own arguments or while it hands the rest to a subcommand."""
+class _Command(click.Command):
+    """A command whose usage errors name it: the parser raises some (an option without its
+    value) without a context, and the hint would name the top command, whose help does not
+    list this one's options."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if exc.ctx is None:
+                exc.ctx = ctx
+            raise
+
+
+class _Commands(_Command, click.Group):
+    """A command group whose own and whose subcommands' usage errors are one line: they are
+    raised while it parses its arguments, or while it hands the rest to a subcommand and runs
+    it. A group run without arguments still shows its help."""
+
+    command_class = _Command
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
@@ -93,7 +111,7 @@ class _Commands(click.Group):
 
 
 def _one_line(exc: click.UsageError) -> click.UsageError:
-    if isinstance(exc, _UsageError):
+    if isinstance(exc, _UsageError | NoArgsIsHelpError):
         return exc
     one = _UsageError(exc.format_message(), exc.ctx)
     one.exit_code = exc.exit_code

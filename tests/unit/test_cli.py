@@ -106,18 +106,24 @@ def test_progress_off_a_terminal_is_a_line_every_few_seconds_and_at_each_milesto
 @pytest.mark.parametrize(
     ("args", "said"),
     [
-        (["query", "--from", "2026-11-26"], "Error: Missing option '--metric' (see 'streamagg query --help')"),
-        (["bogus"], "Error: No such command 'bogus' (see 'streamagg --help')"),
-        (["--nope"], "Error: No such option: --nope (see 'streamagg --help')"),
-        (["stack", "nope"], "Error: No such command 'nope' (see 'streamagg stack --help')"),
+        (["query", "--from", "2026-11-26"], "Error: Missing option '--metric'; see 'streamagg query --help'"),
+        (["bogus"], "Error: No such command 'bogus'; see 'streamagg --help'"),
+        (["query", "--metric"], "Error: Option '--metric' requires an argument; see 'streamagg query --help'"),
+        (
+            ["query", "--metrc"],
+            "Error: No such option: --metrc (Possible options: --metric, --metrics-host, --metrics-port); "
+            "see 'streamagg query --help'",
+        ),
+        (["--nope"], "Error: No such option: --nope; see 'streamagg --help'"),
+        (["stack", "nope"], "Error: No such command 'nope'; see 'streamagg stack --help'"),
         (
             ["query", "--metric", "trace.count", "--from", "2026-11-26", "--to", "2026-11-27", "--granularity", "month"],
-            "Error: Invalid value for '--granularity': 'month' is not one of 'hour', 'day', 'week', 'total' "
-            "(see 'streamagg query --help')",
+            "Error: Invalid value for '--granularity': 'month' is not one of 'hour', 'day', 'week', 'total'; "
+            "see 'streamagg query --help'",
         ),
         (
             ["stack", "up", "--kafka-port", "x"],
-            "Error: Invalid value for '--kafka-port': 'x' is not a valid integer (see 'streamagg stack up --help')",
+            "Error: Invalid value for '--kafka-port': 'x' is not a valid integer; see 'streamagg stack up --help'",
         ),
     ],
 )
@@ -134,3 +140,6 @@ def test_help_is_still_the_full_usage() -> None:
     result = CliRunner().invoke(main, ["query", "--help"], prog_name="streamagg")
     assert result.exit_code == 0
     assert result.stdout.startswith("Usage: streamagg query [OPTIONS]")
+    result = CliRunner().invoke(main, ["stack"], prog_name="streamagg")  # a group without arguments: its help
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Usage: streamagg stack [OPTIONS] COMMAND [ARGS]...") and "  up " in result.stderr
