@@ -205,7 +205,7 @@ class PartitionState:
         self.watermark_ms: int | None = None
         self.last_event_at = clock()  # wall clock of the last event (idle detection)
         self.end_offset: int | None = None  # the log's end as the consumer last saw it
-        self._memory: tuple[int, int] | None = None  # (estimated bytes, when)
+        self._memory: tuple[float, int] | None = None  # (estimated bytes per key, when)
         self._clock = clock
         self._key_offsets: dict[Key, int] = {}  # from recovery: what each key already holds
         self._replay_until = -1
@@ -495,15 +495,17 @@ class PartitionState:
         return len(self.aggregates)
 
     def estimated_bytes(self) -> int:
-        """Rough memory of the held aggregates: about 200 bytes each plus their sketches', from
-        every ``step``-th of them (at most MEMORY_SAMPLE), worked out again at most every
-        MEMORY_REFRESH_MS. The gauge is read by each scrape, in the scrape's thread: walking
-        every aggregate each time took 13% of a busy worker's CPU, scraped every 0.1 s."""
+        """Rough memory of the held aggregates: about 200 bytes each plus their sketches', an
+        average per key from every ``step``-th of them (at most MEMORY_SAMPLE), worked out again
+        at most every MEMORY_REFRESH_MS, times the keys held now. The gauge is read by each
+        scrape, in the scrape's thread: walking every aggregate each time took 13% of a busy
+        worker's CPU, scraped every 0.1 s. (The estimate itself was kept for the interval: a
+        partition first scraped before its first event said 0 bytes for 10 s while it held keys.)"""
         now = self._clock()
-        if self._memory is None or now - self._memory[1] >= MEMORY_REFRESH_MS:
+        keys = len(self.aggregates)
+        if self._memory is None or now - self._memory[1] >= MEMORY_REFRESH_MS or (keys and not self._memory[0]):
             aggs = list(self.aggregates.held())  # atomic under the GIL
             step = -(-len(aggs) // MEMORY_SAMPLE) or 1
             sample = aggs[::step]
-            held = sum(_held_bytes(agg) for agg in sample)
-            self._memory = (held * len(aggs) // max(1, len(sample)), now)
-        return self._memory[0]
+            self._memory = (sum(_held_bytes(agg) for agg in sample) / len(sample) if sample else 0.0, now)
+        return int(self._memory[0] * keys)

@@ -236,16 +236,21 @@ def test_settled_means_read_to_the_end_with_everything_written() -> None:
 def test_the_memory_gauge_samples_and_refreshes() -> None:
     clock = Clock(START_MS)
     state = new_state(clock)
+    assert state.estimated_bytes() == 0  # scraped before the first event
     state.ingest(list(enumerate(make_events(hours=1, per_hour=3_000, seed=10))), LATENESS_MS)
     aggs = list(state.aggregates.held())
     assert len(aggs) > 2 * MEMORY_SAMPLE  # the gauge samples
     every = sum(200 + (a.sketch.memory_bytes if a.sketch is not None else 0) for a in aggs)
-    estimate = state.estimated_bytes()
+    estimate = state.estimated_bytes()  # at once, not 0 until MEMORY_REFRESH_MS passed
     assert 0.8 * every <= estimate <= 1.25 * every
+    per_key = estimate / len(aggs)
     state.ingest([(10**6 + i, e) for i, e in enumerate(make_events(hours=1, per_hour=3_000, seed=11))], LATENESS_MS)
-    assert state.estimated_bytes() == estimate  # until MEMORY_REFRESH_MS passed
+    keys = len(state.aggregates)
+    assert keys > len(aggs)
+    assert abs(state.estimated_bytes() - per_key * keys) <= 1  # the sampled average, times the keys held now
     clock.now += MEMORY_REFRESH_MS
-    assert state.estimated_bytes() > estimate
+    every = sum(200 + (a.sketch.memory_bytes if a.sketch is not None else 0) for a in state.aggregates.held())
+    assert 0.8 * every <= state.estimated_bytes() <= 1.25 * every  # sampled again
 
 
 def test_eviction_tombstones_old_hours() -> None:
