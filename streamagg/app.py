@@ -61,6 +61,8 @@ TABLE_NAME = "partials"
 FLUSH_KEYS_PER_TRANSACTION = 5_000
 FLUSH_LANES = 2  # transactions in flight per flush (bench/throughput: 4,220 -> 4,960 events/s over 1)
 ROLLUP_MAX_PENDING_KEYS = 200_000  # flushed hour keys whose days and weeks wait for a roll-up
+ROLLUP_MAX_DEFERRAL = 12  # roll-up intervals a backlog defers roll-ups for, at most (day rows stay this fresh)
+CATCH_UP_RECORDS = 20_000  # records behind the log ends (all owned partitions) that make a backlog to read
 ANALYZE_MIN_ROWS = 5_000
 RETRY_MAX_SECONDS = 60.0
 # The checkpoint at a clean stop commits nothing (it only shortens the next owner's replay), so
@@ -100,15 +102,17 @@ def _delivered(delivery: asyncio.Future | None) -> bool:
 def rollup_due(pending: int, backlog: bool, since_last: float, interval: float) -> bool:
     """Whether the days and weeks of ``pending`` flushed hour keys are rolled up now.
 
-    While a backlog of closed hours is worked off (the flush wrote at least a full transaction),
-    hours go first and roll-ups wait, so each day and week is merged once rather than once per
-    flush, up to ROLLUP_MAX_PENDING_KEYS keys (memory). Otherwise at most once per ``interval``
-    seconds, which batches a trickle of late events."""
+    While a backlog is worked off (closed hours to write: the flush wrote at least a full
+    transaction; or records to read: more than CATCH_UP_RECORDS behind the log ends), hours go
+    first and roll-ups wait, so each day and week is merged once rather than once per flush or
+    per hour the backlog closes, up to ROLLUP_MAX_PENDING_KEYS keys (memory) and
+    ROLLUP_MAX_DEFERRAL intervals (a worker that never catches up still rolls up). Otherwise at
+    most once per ``interval`` seconds, which batches a trickle of late events."""
     if not pending:
         return False
     if pending >= ROLLUP_MAX_PENDING_KEYS:
         return True
-    return not backlog and since_last >= interval
+    return since_last >= (ROLLUP_MAX_DEFERRAL * interval if backlog else interval)
 
 
 SourceBatch = Mapping[TP, list[ConsumerRecord]]
@@ -568,9 +572,15 @@ class Runtime:
             self._check_owed_rollups = False
         # A backlog: this pass wrote a full transaction, and more of it may follow. Nothing
         # follows once every partition is read to its end with all it holds written: its
-        # days and weeks are rolled up now, not a flush interval later.
+        # days and weeks are rolled up now, not a flush interval later. Reading a backlog, the
+        # worker closes its hours one after the other: their days wait for the last (1,000,000
+        # events over a clock hour's boundary: the first hour's days were rolled up mid-read,
+        # 3.7 s of the worker's thread, and again with the second's).
         backlog = sum(len(item.items) for item in items) >= FLUSH_KEYS_PER_TRANSACTION and not self.pipeline.settled()
-        if rollup_due(len(self._to_roll_up), backlog, time.monotonic() - self._last_rollup, self._rollup_interval):
+        catching_up = self.pipeline.unread() > CATCH_UP_RECORDS
+        if rollup_due(
+            len(self._to_roll_up), backlog or catching_up, time.monotonic() - self._last_rollup, self._rollup_interval
+        ):
             try:
                 await self._roll_up(store)
             except StoreError as exc:

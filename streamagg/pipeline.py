@@ -241,6 +241,10 @@ class Pipeline:
             out.extend(Flushable(topic, partition, group, closed, label) for label, group in by_label.items())
         return out
 
+    def unread(self) -> int:
+        """Records behind the log ends, over every owned partition (as the consumer last saw them)."""
+        return sum(state.unread or 0 for state in self.states.values())
+
     def settled(self) -> bool:
         """Every owned partition read to its end with everything it holds written."""
         return all(state.settled for state in self.states.values())

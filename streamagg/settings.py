@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     )
     rollup_interval_seconds: float | None = Field(
         None, gt=0, description="how often the days and weeks of flushed hours are rolled up while no backlog "
-        "is worked off; default 5 x the flush interval, at least 5 s",
+        "is worked off (while one is: every 12 intervals); default 5 x the flush interval, at least 5 s",
     )
     metrics_host: str = Field("127.0.0.1", description="Prometheus /metrics host")
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port")
