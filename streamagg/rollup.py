@@ -102,9 +102,9 @@ async def roll_up_owed(store: Store, exclude: str) -> dict[Granularity, WriteRes
     """Roll up the hours that others than ``exclude`` queued and did not roll up: a dead
     worker's debt or an interrupted backfill's (a live one's is merely done twice). A day at a
     time, with every series that has a row in its owed hours, and, where a backfill queued them,
-    every series with a day row on that day: a series whose hours it removed is named only by
-    that, and its day and week rows are made again from the hours it has left, or deleted (as
-    any roll-up does, under the series' locks)."""
+    every series with a day row on that day or a week row in its week: a series whose hours it
+    removed is named only by those, and its day and week rows are made again from the hours it
+    has left, or deleted (as any roll-up does, under the series' locks)."""
     owed = await store.owed_rollups(exclude=exclude)
     results = {granularity: WriteResult() for granularity in ("day", "week")}
     if not owed:
@@ -118,6 +118,8 @@ async def roll_up_owed(store: Store, exclude: str) -> dict[Granularity, WriteRes
         keys = set(await store.hour_keys_at(hours))
         if any(hour in by_backfill for hour in hours):  # it may have removed a series' hour: all of the day's
             keys |= {(hours[0], *series) for series in await store.series_with_rows("day", day)}
+            # and of its week: a week rolled up on its own (`rollup --granularity week`) has no day row
+            keys |= {(hours[0], *series) for series in await store.series_with_rows("week", bucket_start_ms(day, "week"))}
         for granularity, result in (await rollup_keys(store, keys)).items():
             results[granularity] += result
         await store.rolled_up(ids=[row for hour in hours for row in owed[hour]])

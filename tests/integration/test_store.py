@@ -204,6 +204,45 @@ def test_owed_roll_ups_remake_the_days_of_series_that_lost_some_of_their_hours(d
     asyncio.run(run())
 
 
+def test_owed_roll_ups_remake_a_week_rolled_up_without_its_days(database: str) -> None:
+    """Weeks rolled up on their own (`streamagg rollup --granularity week`) have no day rows. A
+    backfill then removed a series' only hour of the week and stopped before its roll-ups: the
+    owed roll-up finds the series by its week row and deletes that row, which still counted the
+    removed hour (it looked for series by their hours and their day rows only)."""
+    events = make_events(hours=2, per_hour=600, seed=26)
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    rows = state.rows()
+    oracle = exact_hours(events)
+    lone = next(k for k in oracle if k[0] == START_MS and k[2] == "user_id" and (START_MS + HOUR_MS, *k[1:]) not in oracle)
+    week = bucket_start_ms(START_MS, "week")
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.upsert_rows(rows)
+            await rollup_keys(store, [row.key for row in rows], granularities=("week",))
+            assert not await store.fetch_rows("day", week, week + 7 * 24 * HOUR_MS)
+            assert (week, *lone[1:]) in {r.key for r in await store.fetch_rows("week", week, week + 1)}
+            conn = await asyncpg.connect(database)
+            try:
+                await conn.execute(
+                    "DELETE FROM observability.metrics_aggregates WHERE granularity = 'hour' AND bucket_time = $1 "
+                    "AND metric_name = $2 AND dimension_type = $3 AND dimension_value = $4", to_datetime(START_MS), *lone[1:],
+                )  # fmt: skip
+                await conn.execute("INSERT INTO observability.metrics_rollup_queue (hour, queued_by) VALUES ($1, $2)",
+                                   to_datetime(START_MS), f"app{BACKFILL_QUEUE_TAG}1")  # fmt: skip
+            finally:
+                await conn.close()
+            await roll_up_owed(store, exclude="a-live-worker")
+            weeks = {r.key: r for r in await store.fetch_rows("week", week, week + 1)}
+            assert (week, *lone[1:]) not in weeks
+            others = {k for k in oracle if k[2] == "user_id" and k[1:] != lone[1:]}
+            assert {(week, *k[1:]) for k in others} <= set(weeks)  # the other series' weeks stay
+            assert await store.owed_rollups(exclude="a-live-worker") == {}
+
+    asyncio.run(run())
+
+
 def test_partials_of_two_sketch_kinds_merge_unless_both_are_past_exact_mode(database: str) -> None:
     """Partition 0 wrote under req-hra-k128; partition 1 then writes under kll-k200 (the setting
     changed): every key whose partials are exact on one side gets the merged final row; a key past
