@@ -77,43 +77,34 @@ class _UsageError(click.UsageError):
 
 
 class _Command(click.Command):
-    """A command whose usage errors name it: the parser raises some (an option without its
-    value) without a context, and the hint would name the top command, whose help does not
-    list this one's options."""
+    """A command whose usage errors are one line and name it (the parser raises some, an option
+    without its value, with no context: the hint would name the top command)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
-            if exc.ctx is None:
-                exc.ctx = ctx
-            raise
+            raise _one_line(exc, ctx) from None
 
 
 class _Commands(_Command, click.Group):
-    """A command group whose own and whose subcommands' usage errors are one line: they are
-    raised while it parses its arguments, or while it hands the rest to a subcommand and runs
-    it. A group run without arguments still shows its help."""
+    """A command group: its subcommands, and the usage errors raised while it hands the rest of
+    the arguments to one (no such command) or runs it, in one line too. A group run without
+    arguments still shows its help."""
 
     command_class = _Command
-
-    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        try:
-            return super().make_context(*args, **kwargs)
-        except click.UsageError as exc:
-            raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
-            raise _one_line(exc) from None
+            raise _one_line(exc, ctx) from None
 
 
-def _one_line(exc: click.UsageError) -> click.UsageError:
+def _one_line(exc: click.UsageError, ctx: click.Context) -> click.UsageError:
     if isinstance(exc, _UsageError | NoArgsIsHelpError):
         return exc
-    one = _UsageError(exc.format_message(), exc.ctx)
+    one = _UsageError(exc.format_message(), exc.ctx or ctx)
     one.exit_code = exc.exit_code
     return one
 

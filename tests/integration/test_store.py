@@ -17,7 +17,7 @@ from importlib import resources
 import asyncpg
 import pytest
 
-from streamagg.aggregate import AggregateState, roll_up
+from streamagg.aggregate import AggregateState, Key, roll_up
 from streamagg.buckets import HOUR_MS, bucket_start_ms, rfc3339, to_datetime, to_ms
 from streamagg.rollup import BACKFILL_QUEUE_TAG, roll_up_owed, rollup, rollup_keys
 from streamagg.settings import Settings
@@ -165,6 +165,21 @@ def test_an_extension_available_but_not_creatable_leaves_an_ordinary_table(datab
     asyncio.run(run())
 
 
+async def _removed_by_a_stopped_backfill(database: str, key: Key) -> None:
+    """The state a backfill leaves when it removed the hour row ``key`` (its replay found no event
+    for it) and stopped before its roll-ups: the row gone, the hour in the roll-up queue."""
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(
+            "DELETE FROM observability.metrics_aggregates WHERE granularity = 'hour' AND bucket_time = $1 "
+            "AND metric_name = $2 AND dimension_type = $3 AND dimension_value = $4", to_datetime(key[0]), *key[1:],
+        )  # fmt: skip
+        await conn.execute("INSERT INTO observability.metrics_rollup_queue (hour, queued_by) VALUES ($1, $2)",
+                           to_datetime(key[0]), f"app{BACKFILL_QUEUE_TAG}1")  # fmt: skip
+    finally:
+        await conn.close()
+
+
 def test_owed_roll_ups_remake_the_days_of_series_that_lost_some_of_their_hours(database: str) -> None:
     """A backfill removed a series' row of one hour (its replay found no event for it) and
     stopped before its roll-ups; the series still has another hour that day. The owed roll-up
@@ -184,16 +199,7 @@ def test_owed_roll_ups_remake_the_days_of_series_that_lost_some_of_their_hours(d
             await rollup_keys(store, [row.key for row in rows])
             day = (bucket_start_ms(START_MS, "day"), *user[1:])
             assert {r.key: r for r in await store.fetch_rows("day", day[0], day[0] + 1)}[day].count == oracle[user].count + oracle[later].count
-            conn = await asyncpg.connect(database)
-            try:
-                await conn.execute(
-                    "DELETE FROM observability.metrics_aggregates WHERE granularity = 'hour' AND bucket_time = $1 "
-                    "AND metric_name = $2 AND dimension_type = $3 AND dimension_value = $4", to_datetime(START_MS), *user[1:],
-                )  # fmt: skip
-                await conn.execute("INSERT INTO observability.metrics_rollup_queue (hour, queued_by) VALUES ($1, $2)",
-                                   to_datetime(START_MS), f"app{BACKFILL_QUEUE_TAG}1")  # fmt: skip
-            finally:
-                await conn.close()
+            await _removed_by_a_stopped_backfill(database, user)
             await roll_up_owed(store, exclude="a-live-worker")
             for granularity in ("day", "week"):
                 start = bucket_start_ms(START_MS, granularity)
@@ -223,16 +229,7 @@ def test_owed_roll_ups_remake_a_week_rolled_up_without_its_days(database: str) -
             await rollup_keys(store, [row.key for row in rows], granularities=("week",))
             assert not await store.fetch_rows("day", week, week + 7 * 24 * HOUR_MS)
             assert (week, *lone[1:]) in {r.key for r in await store.fetch_rows("week", week, week + 1)}
-            conn = await asyncpg.connect(database)
-            try:
-                await conn.execute(
-                    "DELETE FROM observability.metrics_aggregates WHERE granularity = 'hour' AND bucket_time = $1 "
-                    "AND metric_name = $2 AND dimension_type = $3 AND dimension_value = $4", to_datetime(START_MS), *lone[1:],
-                )  # fmt: skip
-                await conn.execute("INSERT INTO observability.metrics_rollup_queue (hour, queued_by) VALUES ($1, $2)",
-                                   to_datetime(START_MS), f"app{BACKFILL_QUEUE_TAG}1")  # fmt: skip
-            finally:
-                await conn.close()
+            await _removed_by_a_stopped_backfill(database, lone)
             await roll_up_owed(store, exclude="a-live-worker")
             weeks = {r.key: r for r in await store.fetch_rows("week", week, week + 1)}
             assert (week, *lone[1:]) not in weeks
