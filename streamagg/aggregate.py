@@ -17,7 +17,7 @@ import math
 import struct
 from collections import Counter, defaultdict
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -58,6 +58,10 @@ class Row:
     sketch: bytes | None = None
     sketch_kind: str | None = None
     fingerprint: int | None = None  # unsigned 64-bit multiset fingerprint of the values
+    # A day or week row's exact sum of its hours' sums (exact.ExactSum: sum_value is its rounded
+    # value), so a week merged from days adds exactly what one merged from hours adds. None on
+    # hour rows (their sum_value is exact) and count rows; not part of the row's value.
+    sum_parts: tuple[float, ...] | None = field(default=None, compare=False)
 
     @property
     def key(self) -> Key:
@@ -204,14 +208,20 @@ class Agg:
             sketch=self.sketch.serialize() if sketch_bytes is None else sketch_bytes,
             sketch_kind=str(self.sketch.kind),
             fingerprint=self.fingerprint,
+            sum_parts=None if granularity == "hour" else self.total,
         )
 
     @classmethod
     def from_row(cls, row: Row) -> Agg:
-        """An aggregate equivalent to a stored row (for roll-ups and range queries)."""
-        return cls.from_stored(
+        """An aggregate equivalent to a stored row (for roll-ups and range queries): its sum the
+        row's exact sum of hour sums where it has one, else its sum_value."""
+        agg = cls.from_stored(
             row.count, row.sum_value, row.min_value, row.max_value, row.sketch, row.sketch_kind, row.fingerprint, row.key
         )
+        parts = row.sum_parts
+        if parts is not None and agg.sketch is not None and exact.rounded(parts) == (row.sum_value or 0.0):
+            agg.total = parts
+        return agg
 
     @classmethod
     def from_stored(
@@ -610,9 +620,13 @@ def roll_up_rows(
 
 
 def _moved(row: Row, bucket_ms: int, granularity: Granularity) -> Row:
-    """``row`` as the row of another bucket (cheaper than dataclasses.replace)."""
+    """``row`` as the row of another (day or week) bucket, cheaper than dataclasses.replace: an
+    hour row's sum is its exact sum."""
+    parts = row.sum_parts
+    if parts is None and row.sketch is not None:
+        parts = exact.exact_sum([row.sum_value or 0.0])
     return Row(
         bucket_ms, granularity, row.metric_name, row.dimension_type, row.dimension_value, row.count, row.sum_value,
         row.min_value, row.max_value, row.avg_value, row.p50_value, row.p95_value, row.p99_value, row.sketch,
-        row.sketch_kind, row.fingerprint,
+        row.sketch_kind, row.fingerprint, parts,
     )  # fmt: skip

@@ -1,13 +1,17 @@
 """Day and week rows, only from merging stored hour rows (sketches merged, counts and sums added,
-min of mins, max of maxes, percentiles read from the merged sketch). Never from averaging."""
+min of mins, max of maxes, percentiles read from the merged sketch). Never from averaging. A week
+is merged from its days' rows where those check out against their hours (the same hours merged,
+the same exact sum): see :func:`_roll_up_batch`."""
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-from .aggregate import Key, roll_up_rows
+from asyncpg import Connection
+
+from .aggregate import Key, Row, roll_up_rows
 from .buckets import DAY_MS, Granularity, bucket_end_ms, bucket_start_ms, rfc3339
 from .lanes import in_lanes
 from .store import Series, Store, WriteResult, series_lock_id, warn_unmerged
@@ -73,14 +77,10 @@ async def rollup_keys(
                 "day": {(day, *series) for series in batch for day in touched[series]},
                 "week": {(week, *series) for series in batch},
             }
-            # Days only (the daily schedule): their hours, not the whole week's.
-            days = {key[0] for key in wanted["day"]} if "week" not in granularities else ()
-            start, end = (min(days), max(days) + DAY_MS) if days else (week, bucket_end_ms(week, "week"))
             written: dict[Granularity, WriteResult] = {}
             unmerged: list[tuple[Granularity, Key]] = []
             async with store.rolling_up(batch) as conn:
-                hours = await store.fetch_hour_rows_of(start, end, batch, conn)
-                rolled = roll_up_rows(hours, {granularity: wanted[granularity] for granularity in granularities}, unmerged)
+                rolled = await _roll_up_batch(store, conn, week, batch, wanted, granularities, unmerged)
                 for granularity in granularities:
                     rows = sorted(rolled[granularity], key=lambda row: repr(row.key))
                     written[granularity] = await store.upsert_rows(rows, conn)
@@ -96,6 +96,68 @@ async def rollup_keys(
 
     await in_lanes(batches, _LANES, lane)
     return results
+
+
+async def _roll_up_batch(
+    store: Store,
+    conn: Connection,
+    week: int,
+    batch: Sequence[Series],
+    wanted: Mapping[Granularity, set[Key]],
+    granularities: Sequence[Granularity],
+    unmerged: list[tuple[Granularity, Key]],
+) -> dict[Granularity, list[Row]]:
+    """The wanted rows of ``granularities`` of one week and batch of series (see roll_up_rows).
+
+    Days are merged from their hours. A week rolled up with its touched days is merged from
+    days: the batch's days from the first touched one to the last, from their hours (read
+    anyway), and the stored rows of the week's other days, each holding the exact sum of its
+    hours' sums (``Row.sum_parts``) and checked against its hours' count and fingerprint, summed
+    in PostgreSQL. So the roll-up of a Sunday's hour reads its series' Sunday hours and six day
+    rows, not up to 168 hours each. A week rolled up alone (``rollup --granularity week``), or
+    beside a stored day that does not hold its hours (not rolled up yet; rolled up before
+    migration 008, without the exact sum; or no row, where weeks were rolled up alone), is
+    merged from every hour of the week, and those days are made again on the way."""
+    week_end = bucket_end_ms(week, "week")
+    targets = {granularity: wanted[granularity] for granularity in granularities}
+    days = {key[0] for key in wanted["day"]} if "day" in granularities else set()
+    if "day" in granularities and "week" in granularities:
+        touched = (min(days), max(days) + DAY_MS)
+        evidence: dict[Key, tuple[int, int | None]] = {}
+        if await store.has_hour_rows(week, week_end, {series[0] for series in batch}, touched, conn):
+            evidence = await store.hour_evidence_by_day(week, week_end, batch, conn, but=touched)
+        stored: dict[Key, Row] = {}
+        if evidence:
+            stored = {row.key: row for row in await store.fetch_rows_of("day", week, week_end, batch, conn, but=touched)}
+        stale = {key for key, totals in evidence.items() if not _rolled_up_from_its_hours(stored.get(key), totals)}
+        if not stale:
+            hours = await store.fetch_rows_of("hour", *touched, batch, conn)
+            in_range = wanted["day"] | {(bucket_start_ms(row.bucket_ms, "day"), *row.key[1:]) for row in hours}
+            day_unmerged: list[tuple[Granularity, Key]] = []
+            rolled = roll_up_rows(hours, {"day": in_range}, day_unmerged)
+            unmerged.extend(day_unmerged)
+            # A day left as it was (its hours hold sketches of two kinds) leaves its week so too.
+            stuck = {key[1:] for _, key in day_unmerged}
+            weeks = {key for key in wanted["week"] if key[1:] not in stuck}
+            unmerged.extend(("week", key) for key in sorted(wanted["week"] - weeks, key=repr))
+            in_order = sorted([*(stored[key] for key in evidence), *rolled["day"]], key=lambda row: row.bucket_ms)
+            return rolled | roll_up_rows(in_order, {"week": weeks}, unmerged)
+        targets["day"] = wanted["day"] | stale
+        start, end = week, week_end
+    elif days:  # days only (the daily schedule): their hours, not the whole week's
+        start, end = min(days), max(days) + DAY_MS
+    else:
+        start, end = week, week_end
+    hours = await store.fetch_rows_of("hour", start, end, batch, conn)
+    return roll_up_rows(hours, targets, unmerged)
+
+
+def _rolled_up_from_its_hours(day: Row | None, hours: tuple[int, int | None]) -> bool:
+    """Whether a stored day row holds what its stored hours do (their count and fingerprint:
+    the evidence a row is kept on), and, for a full metric, their exact sum."""
+    if day is None or day.count != hours[0]:
+        return False
+    return day.sketch is None or (day.sum_parts is not None and day.fingerprint == hours[1])
 
 
 async def roll_up_owed(store: Store, exclude: str) -> dict[Granularity, WriteResult]:

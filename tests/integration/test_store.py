@@ -18,11 +18,12 @@ import asyncpg
 import pytest
 
 from streamagg.aggregate import AggregateState, Key, roll_up
-from streamagg.buckets import HOUR_MS, bucket_start_ms, rfc3339, to_datetime, to_ms
+from streamagg.buckets import DAY_MS, HOUR_MS, bucket_start_ms, rfc3339, to_datetime, to_ms
 from streamagg.rollup import BACKFILL_QUEUE_TAG, roll_up_owed, rollup, rollup_keys
 from streamagg.settings import Settings
 from streamagg.store import Store, WriteResult
-from streamagg.oracle import exact_hours
+from streamagg.errors import StateError
+from streamagg.oracle import exact_hours, exact_rollup
 from streamagg.events import validate
 from tests.unit.test_aggregate import START_MS, assert_row_matches, kinds, make_events, stats
 
@@ -45,6 +46,7 @@ def test_migrate_is_idempotent_and_versioned(database: str) -> None:
                 "005_partials_fence.sql",
                 "006_rollup_queue.sql",
                 "007_partials_probe_by_key.sql",
+                "008_rollup_sum_parts.sql",
             ]
             assert await store.migrate() == []
             await asyncio.gather(store.migrate(), store.migrate())  # concurrent runs serialise
@@ -178,6 +180,66 @@ async def _removed_by_a_stopped_backfill(database: str, key: Key) -> None:
                            to_datetime(key[0]), f"app{BACKFILL_QUEUE_TAG}1")  # fmt: skip
     finally:
         await conn.close()
+
+
+def test_a_week_is_merged_from_its_stored_days_where_they_hold_their_hours(database: str) -> None:
+    """Rolled up with a new day, a week is merged from the stored rows of its other days: an
+    hour of Monday whose sketch bytes are broken is never read for Wednesday's roll-up (merged
+    from the hours, it raises). A day row that does not hold its hours (rolled up before
+    migration 008, without the exact sum; or missing) makes the week come from the hours and is
+    made again. Every week equals the oracle, its sum the hours' sums added."""
+    week = bucket_start_ms(START_MS, "week")
+    events = make_events(hours=50, per_hour=300, seed=27, start_ms=week)  # Monday 00:00 to Wednesday 02:00
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    rows = state.rows()
+    oracle = exact_hours(events)
+    wednesday = week + 2 * DAY_MS
+    early = [row for row in rows if row.bucket_ms < wednesday]
+    late = [row for row in rows if row.bucket_ms >= wednesday]
+    broken = next(
+        r for r in early
+        if r.bucket_ms < week + DAY_MS and r.sketch is not None and r.dimension_type == "user_id"
+        and any(o.key[1:] == r.key[1:] for o in late)
+    )  # fmt: skip
+
+    async def weeks_match_the_oracle(store: Store) -> None:
+        stored = {r.key: r for r in await store.fetch_rows("week", week, week + 1)}
+        expected = exact_rollup(oracle, "week")
+        assert set(stored) == set(expected)
+        for key, (exact, hour_sums) in expected.items():
+            assert_row_matches(stored[key], exact, expected_sum=hour_sums)
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.upsert_rows(early)
+            await rollup_keys(store, [row.key for row in early])
+            await store.upsert_rows(late)
+            set_sketch = (
+                "UPDATE observability.metrics_aggregates SET sketch = $5 WHERE granularity = 'hour' "
+                "AND bucket_time = $1 AND metric_name = $2 AND dimension_type = $3 AND dimension_value = $4"
+            )
+            await store.execute(set_sketch, to_datetime(broken.bucket_ms), *broken.key[1:], b"\x01\x02")
+            with pytest.raises(StateError, match="unreadable sketch"):
+                await rollup_keys(store, [broken.key], granularities=("week",))  # from every hour
+            await rollup_keys(store, [row.key for row in late])
+            await weeks_match_the_oracle(store)
+            await store.execute(set_sketch, to_datetime(broken.bucket_ms), *broken.key[1:], broken.sketch)  # mended
+
+            monday, tuesday = week, week + DAY_MS
+            await store.execute("UPDATE observability.metrics_aggregates SET sum_parts = NULL "
+                                "WHERE granularity = 'day' AND bucket_time = $1", to_datetime(monday))  # fmt: skip
+            await store.execute("DELETE FROM observability.metrics_aggregates "
+                                "WHERE granularity = 'day' AND bucket_time = $1", to_datetime(tuesday))  # fmt: skip
+            await rollup_keys(store, [row.key for row in late])
+            await weeks_match_the_oracle(store)
+            touched = {row.key[1:] for row in late}  # the series rolled up: their other days made again
+            days = {r.key: r for r in await store.fetch_rows("day", monday, wednesday) if r.key[1:] in touched}
+            expected = exact_rollup({k: v for k, v in oracle.items() if k[0] < wednesday and k[1:] in touched}, "day")
+            assert set(days) == set(expected) and any(key[0] == tuesday for key in days)
+            assert all(r.sum_parts is not None for r in days.values() if r.sketch is not None)
+
+    asyncio.run(run())
 
 
 def test_owed_roll_ups_remake_the_days_of_series_that_lost_some_of_their_hours(database: str) -> None:

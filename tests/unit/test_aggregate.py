@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -328,6 +329,50 @@ def test_days_and_weeks_rolled_up_together_merge_each_run_of_hours_once() -> Non
     assert merged_days and all(weeks[(bucket_start_ms(key[0], "week"), *key[1:])].sketch == days[key].sketch for key in merged_days)
     some = {next(iter(days))}
     assert {row.key for row in roll_up_rows(hours, {"day": some})["day"]} == some
+
+
+def _full_agg(values: list[float]) -> Agg:
+    agg = Agg(Kind.parse(DEFAULT_KIND))
+    agg.add_group(values, int(fingerprints(np.asarray(values)).sum(dtype=np.uint64)))
+    return agg
+
+
+def test_a_week_merged_from_its_days_adds_their_hours_sums_exactly() -> None:
+    """A day row carries the exact sum of its hours' sums (``sum_parts``), so a week merged from
+    day rows has the sum of one merged from the hours, not the sum of the days' rounded sums:
+    1 + 2**-53 rounds to 1 on Monday, and Monday plus Tuesday's 2**-53 to 1 + 2**-52."""
+    week = bucket_start_ms(START_MS, "week")
+    series = ("trace.duration_ms", "user_id", "u1")
+    tiny = 2.0**-53
+    hours = [
+        _full_agg([value]).to_row((week + offset, *series), "hour")
+        for offset, value in [(0, 1.0), (HOUR_MS, tiny), (24 * HOUR_MS, tiny)]
+    ]
+    days = roll_up_rows(hours, {"day": None})["day"]
+    assert [row.sum_value for row in days] == [1.0, tiny]
+    assert days[0].sum_parts == (1.0, tiny) and days[1].sum_parts == (tiny,)  # a day of one hour too
+    (direct,) = roll_up_rows(hours, {"week": None})["week"]
+    (via_days,) = roll_up_rows(days, {"week": None})["week"]
+    assert direct.sum_value == via_days.sum_value == 1.0 + 2.0**-52
+    assert stats(via_days) == stats(direct) and via_days.sum_parts == direct.sum_parts == (1.0 + 2.0**-52,)
+    rounded_only = [dataclasses.replace(row, sum_parts=None) for row in days]  # as rolled up before migration 008
+    (double_rounded,) = roll_up_rows(rounded_only, {"week": None})["week"]
+    assert double_rounded.sum_value == 1.0
+
+
+def test_weeks_merged_from_days_equal_weeks_merged_from_hours() -> None:
+    """Generated events over a week's first three days: weeks from the day rows equal weeks from
+    the hour rows in every statistic that does not depend on merge order, and the oracle."""
+    week = bucket_start_ms(START_MS, "week")
+    events = make_events(hours=60, per_hour=150, seed=8, start_ms=week)
+    hours = sorted(ingest(events, batch=700).rows(), key=lambda row: row.bucket_ms)
+    days = sorted(roll_up_rows(hours, {"day": None})["day"], key=lambda row: row.bucket_ms)
+    direct = {row.key: row for row in roll_up_rows(hours, {"week": None})["week"]}
+    via_days = {row.key: row for row in roll_up_rows(days, {"week": None})["week"]}
+    assert set(direct) == set(via_days) == set(exact_rollup(exact_hours(events), "week"))
+    for key, (exact, hour_sums) in exact_rollup(exact_hours(events), "week").items():
+        assert stats(via_days[key]) == stats(direct[key]), key
+        assert_row_matches(via_days[key], exact, expected_sum=hour_sums)
 
 
 def test_merge_is_associative_hours_days_week() -> None:
