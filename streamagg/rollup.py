@@ -51,9 +51,9 @@ async def rollup_keys(
     keys (after a flush or a backfill); a row whose series has no hour row left in its bucket is
     deleted.
 
-    One read per week and batch of series serves both: the week's hour rows are fetched and
-    decoded once, then merged into the touched days and into the week. Each batch is one
-    transaction holding its series' roll-up locks (:meth:`Store.rolling_up`)."""
+    A week and batch of series at a time (:func:`_roll_up_batch`: days from their hours, the
+    week from its days where their stored rows hold their hours, else from every hour), each
+    batch one transaction holding its series' roll-up locks (:meth:`Store.rolling_up`)."""
     by_week: defaultdict[int, dict[Series, set[int]]] = defaultdict(dict)
     for hour, metric, dimension_type, dimension_value in hour_keys:
         series = (metric, dimension_type, dimension_value)
@@ -117,14 +117,15 @@ async def _roll_up_batch(
     rows, not up to 168 hours each. A week rolled up alone (``rollup --granularity week``), or
     beside a stored day that does not hold its hours (not rolled up yet; rolled up before
     migration 008, without the exact sum; or no row, where weeks were rolled up alone), is
-    merged from every hour of the week, and those days are made again on the way."""
+    merged from every hour of the week, and those days are made again on the way; so is one
+    with parts of two sketch kinds past exact mode (see :meth:`Agg.merged`)."""
     week_end = bucket_end_ms(week, "week")
     targets = {granularity: wanted[granularity] for granularity in granularities}
     days = {key[0] for key in wanted["day"]} if "day" in granularities else set()
     if "day" in granularities and "week" in granularities:
         touched = (min(days), max(days) + DAY_MS)
         evidence: dict[Key, tuple[int, int | None]] = {}
-        if await store.has_hour_rows(week, week_end, {series[0] for series in batch}, touched, conn):
+        if await store.has_hour_rows(week, week_end, touched, conn):  # any series' (none in a fresh table's week)
             evidence = await store.hour_evidence_by_day(week, week_end, batch, conn, but=touched)
         stored: dict[Key, Row] = {}
         if evidence:
@@ -133,15 +134,14 @@ async def _roll_up_batch(
         if not stale:
             hours = await store.fetch_rows_of("hour", *touched, batch, conn)
             in_range = wanted["day"] | {(bucket_start_ms(row.bucket_ms, "day"), *row.key[1:]) for row in hours}
-            day_unmerged: list[tuple[Granularity, Key]] = []
-            rolled = roll_up_rows(hours, {"day": in_range}, day_unmerged)
-            unmerged.extend(day_unmerged)
-            # A day left as it was (its hours hold sketches of two kinds) leaves its week so too.
-            stuck = {key[1:] for _, key in day_unmerged}
-            weeks = {key for key in wanted["week"] if key[1:] not in stuck}
-            unmerged.extend(("week", key) for key in sorted(wanted["week"] - weeks, key=repr))
+            not_merged: list[tuple[Granularity, Key]] = []
+            rolled = roll_up_rows(hours, {"day": in_range}, not_merged)
             in_order = sorted([*(stored[key] for key in evidence), *rolled["day"]], key=lambda row: row.bucket_ms)
-            return rolled | roll_up_rows(in_order, {"week": weeks}, unmerged)
+            rolled |= roll_up_rows(in_order, {"week": wanted["week"]}, not_merged)
+            # A merge refused (parts of two sketch kinds past exact mode): from the hours, as
+            # before, where fewer refuse (a day of many exact hours of one kind is past it).
+            if not not_merged:
+                return rolled
         targets["day"] = wanted["day"] | stale
         start, end = week, week_end
     elif days:  # days only (the daily schedule): their hours, not the whole week's

@@ -136,7 +136,7 @@ WHERE (t.count, t.sum_value, t.min_value, t.max_value, t.value_fingerprint, t.sk
       IS DISTINCT FROM
       (EXCLUDED.count, EXCLUDED.sum_value, EXCLUDED.min_value, EXCLUDED.max_value,
        EXCLUDED.value_fingerprint, EXCLUDED.sketch_kind)
-   OR (t.sum_parts IS NULL AND EXCLUDED.sum_parts IS NOT NULL)  -- a roll-up row from before migration 008
+   OR t.sum_parts IS DISTINCT FROM EXCLUDED.sum_parts  -- the same values split otherwise into hours; or before 008
 RETURNING (xmax = 0) AS inserted
 """
 
@@ -720,21 +720,17 @@ class Store:
         return {(r[0], r[1], r[2], r[3]): (int(r[4]), None if r[5] is None else int(r[5]) % 2**64) for r in records}
 
     async def has_hour_rows(
-        self, start_ms: int, end_ms: int, metrics: Iterable[str], but: tuple[int, int] = (0, 0),
-        conn: asyncpg.Connection | None = None,
+        self, start_ms: int, end_ms: int, but: tuple[int, int], conn: asyncpg.Connection | None = None
     ) -> bool:
-        """Whether any hour row of ``metrics`` lies in [start, end), less the range ``but``: looked
-        up by their global slice, which every hour with an event of a metric has (a few index
-        probes, where a scan of the table's time range read every day and week row in it)."""
-        probe = (
-            f"SELECT 1 FROM unnest($1::text[]) AS m(name) CROSS JOIN LATERAL (SELECT 1 FROM {TABLE} t "
-            "WHERE t.metric_name = m.name AND t.granularity = 'hour' AND t.dimension_type IS NULL "
-            "AND t.bucket_time >= {0} AND t.bucket_time < {1} LIMIT 1) AS x"
-        )
+        """Whether any hour row lies in [start, end), less the range ``but``: the unique key's
+        time order, probed either side of ``but``, stops at the first (with both sides in one
+        condition, PostgreSQL read the whole table where there was none)."""
+        probe = f"SELECT 1 FROM {TABLE} WHERE granularity = 'hour' AND bucket_time >= {{0}} AND bucket_time < {{1}}"
         records = await self._fetch(
             "looking for hour rows",
-            f"SELECT EXISTS ({probe.format('$2', '$4')}) OR EXISTS ({probe.format('$5', '$3')})",
-            sorted(set(metrics)), to_datetime(start_ms), to_datetime(end_ms), *map(to_datetime, but), conn=conn,
+            f"SELECT EXISTS ({probe.format('$1::timestamptz', 'least($2::timestamptz, $3::timestamptz)')}) "
+            f"OR EXISTS ({probe.format('greatest($1::timestamptz, $4::timestamptz)', '$2::timestamptz')})",
+            *map(to_datetime, (start_ms, end_ms, *but)), conn=conn,
         )  # fmt: skip
         return bool(records[0][0])
 

@@ -15,9 +15,12 @@ from datetime import UTC, datetime
 from importlib import resources
 
 import asyncpg
+import numpy as np
 import pytest
 
-from streamagg.aggregate import AggregateState, Key, roll_up
+from sketches import Kind
+from streamagg import exact
+from streamagg.aggregate import Agg, AggregateState, Key, Row, roll_up
 from streamagg.buckets import DAY_MS, HOUR_MS, bucket_start_ms, rfc3339, to_datetime, to_ms
 from streamagg.rollup import BACKFILL_QUEUE_TAG, roll_up_owed, rollup, rollup_keys
 from streamagg.settings import Settings
@@ -238,6 +241,102 @@ def test_a_week_is_merged_from_its_stored_days_where_they_hold_their_hours(datab
             expected = exact_rollup({k: v for k, v in oracle.items() if k[0] < wednesday and k[1:] in touched}, "day")
             assert set(days) == set(expected) and any(key[0] == tuesday for key in days)
             assert all(r.sum_parts is not None for r in days.values() if r.sketch is not None)
+
+    asyncio.run(run())
+
+
+def test_a_day_rows_exact_sum_follows_its_hours_without_a_new_revision(database: str) -> None:
+    """The same values split otherwise into a day's hours ({1, 2**-60}, {2**-60} then {1},
+    {2**-60, 2**-60}) give the day the same evidence but other sums of hour sums: the parts are
+    rewritten (a week is merged from them), the revision stays."""
+    day = bucket_start_ms(START_MS, "day")
+    series = ("trace.duration_ms", None, None)
+    tiny = 2.0**-60
+
+    def hour_row(at: int, values: list[float]) -> Row:
+        agg = Agg(kinds()["trace.duration_ms"])
+        agg.add_group(values, int(exact.fingerprints(np.asarray(values)).sum(dtype=np.uint64)))
+        return agg.to_row((at, *series), "hour")
+
+    def day_row(hours: list[list[float]]) -> Row:
+        (row,) = roll_up([hour_row(day + i * HOUR_MS, values) for i, values in enumerate(hours)], "day")
+        return row
+
+    before, after = day_row([[1.0, tiny], [tiny]]), day_row([[1.0], [tiny, tiny]])
+    assert (before.count, before.sum_value, before.fingerprint) == (after.count, after.sum_value, after.fingerprint)
+    assert before.sum_parts != after.sum_parts
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.upsert_rows([before])
+            assert (await store.upsert_rows([after])).updated == 1
+            (stored,) = await store.fetch_rows("day", day, day + 1)
+            assert stored.sum_parts == after.sum_parts
+            assert set((await store.revisions()).values()) == {1}
+
+    asyncio.run(run())
+
+
+def test_a_stored_day_that_lags_its_hours_makes_its_week_from_the_hours(database: str) -> None:
+    """Another worker flushed an hour of Monday and has not rolled it up yet: Monday's stored day
+    row, exact sum and all, lacks that hour (its count and fingerprint say so). Wednesday's
+    roll-up then merges the week from the hours, with that hour, and makes Monday again."""
+    week = bucket_start_ms(START_MS, "week")
+    events = make_events(hours=50, per_hour=300, seed=28, start_ms=week)
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    rows = state.rows()
+    oracle = exact_hours(events)
+    wednesday = week + 2 * DAY_MS
+    late = [row for row in rows if row.bucket_ms >= wednesday]
+    held = next(r for r in rows if r.bucket_ms < week + DAY_MS and r.dimension_type == "user_id"
+                and r.sketch is not None and any(o.key[1:] == r.key[1:] for o in late))  # fmt: skip
+    early = [row for row in rows if row.bucket_ms < wednesday and row is not held]
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.upsert_rows(early)
+            await rollup_keys(store, [row.key for row in early])
+            await store.upsert_rows([held, *late])  # the other worker's hour, then Wednesday's
+            await rollup_keys(store, [row.key for row in late])
+            weeks = {r.key: r for r in await store.fetch_rows("week", week, week + 1)}
+            (exact, hour_sums) = exact_rollup(oracle, "week")[(week, *held.key[1:])]
+            assert_row_matches(weeks[(week, *held.key[1:])], exact, expected_sum=hour_sums)
+            monday = {r.key: r for r in await store.fetch_rows("day", week, week + 1)}
+            (exact, hour_sums) = exact_rollup(oracle, "day")[(week, *held.key[1:])]
+            assert_row_matches(monday[(week, *held.key[1:])], exact, expected_sum=hour_sums)
+
+    asyncio.run(run())
+
+
+def test_a_week_whose_days_hold_two_sketch_kinds_past_exact_mode_is_merged_from_its_hours(database: str) -> None:
+    """STREAMAGG_SKETCH_KIND changed on Tuesday. Monday's hours (KLL) are each exact and join
+    Tuesday's REQ sketch as their values, but Monday's day row, 500 values, is past exact mode
+    like Tuesday's: merged from the days, the week would be refused and left as it was (Monday
+    alone); it is merged from the hours, as before."""
+    week = bucket_start_ms(START_MS, "week")
+    series = ("trace.duration_ms", "user_id", "u1")
+    rng = np.random.default_rng(3)
+
+    def hour(at: int, kind: str, n: int) -> Row:
+        agg = Agg(Kind.parse(kind))
+        values = rng.lognormal(5, 1, n).tolist()
+        agg.add_group(values, int(exact.fingerprints(np.asarray(values)).sum(dtype=np.uint64)))
+        return agg.to_row((at, *series), "hour")
+
+    monday = [hour(week + i * HOUR_MS, "kll-k200", 50) for i in range(10)]
+    tuesday = hour(week + DAY_MS, "req-hra-k24", 2000)
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.upsert_rows(monday)
+            await rollup_keys(store, [row.key for row in monday])
+            await store.upsert_rows([tuesday])
+            result = await rollup_keys(store, [tuesday.key])
+            assert result["week"].unmerged == 0
+            (stored,) = await store.fetch_rows("week", week, week + 1)
+            assert (stored.count, stored.sketch_kind) == (2500, "req-hra-k24")
+            assert stored.sum_value == math.fsum(row.sum_value for row in [*monday, tuesday])
 
     asyncio.run(run())
 
