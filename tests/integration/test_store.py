@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from sketches import Kind
-from streamagg import exact
+from streamagg.exact import fingerprints
 from streamagg.aggregate import Agg, AggregateState, Key, Row, roll_up
 from streamagg.buckets import DAY_MS, HOUR_MS, bucket_start_ms, rfc3339, to_datetime, to_ms
 from streamagg.rollup import BACKFILL_QUEUE_TAG, roll_up_owed, rollup, rollup_keys
@@ -255,7 +255,7 @@ def test_a_day_rows_exact_sum_follows_its_hours_without_a_new_revision(database:
 
     def hour_row(at: int, values: list[float]) -> Row:
         agg = Agg(kinds()["trace.duration_ms"])
-        agg.add_group(values, int(exact.fingerprints(np.asarray(values)).sum(dtype=np.uint64)))
+        agg.add_group(values, int(fingerprints(np.asarray(values)).sum(dtype=np.uint64)))
         return agg.to_row((at, *series), "hour")
 
     def day_row(hours: list[list[float]]) -> Row:
@@ -321,7 +321,7 @@ def test_a_week_whose_days_hold_two_sketch_kinds_past_exact_mode_is_merged_from_
     def hour(at: int, kind: str, n: int) -> Row:
         agg = Agg(Kind.parse(kind))
         values = rng.lognormal(5, 1, n).tolist()
-        agg.add_group(values, int(exact.fingerprints(np.asarray(values)).sum(dtype=np.uint64)))
+        agg.add_group(values, int(fingerprints(np.asarray(values)).sum(dtype=np.uint64)))
         return agg.to_row((at, *series), "hour")
 
     monday = [hour(week + i * HOUR_MS, "kll-k200", 50) for i in range(10)]
