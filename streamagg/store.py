@@ -141,11 +141,12 @@ RETURNING (xmax = 0) AS inserted
 """
 
 # The rows of one granularity in [$1, $2), less those in [$6, $7), of the series ($3, $4, $5:
-# metrics, dimension types and values), as ``t``: one probe of the series index per series, fenced by OFFSET 0. As a
-# plain join on a table whose statistics had no day rows yet (a worker's first roll-up: its day
-# rows come in while it runs), the planner expected one row and took a nested loop over every
-# day row of the week, each compared with every series of the batch: 6.2 s for 1,000 series
-# and 49,389 day rows (EXPLAIN ANALYZE), and bench/throughput's roll-up took 60 s, not 5.
+# metrics, dimension types and values), as ``t``: one probe of the series index per series,
+# fenced by OFFSET 0. As a plain join on a table whose statistics had no day rows yet (a
+# worker's first roll-up: its day rows come in while it runs), the planner expected one row and
+# took a nested loop over every day row of the week, each compared with every series of the
+# batch: 6.2 s for 1,000 series and 49,389 day rows (EXPLAIN ANALYZE), and bench/throughput's
+# roll-up took 60 s, not 5.
 _SERIES_ROWS = f"""unnest($3::text[], $4::text[], $5::text[]) AS s(m, dt, dv) CROSS JOIN LATERAL (
     SELECT * FROM {TABLE} t
     WHERE t.metric_name = s.m AND coalesce(t.dimension_type, '') = coalesce(s.dt, '')
@@ -314,7 +315,7 @@ def _row_from_record(record: asyncpg.Record) -> Row:
         to_ms(bucket_time), granularity, metric, dimension_type, dimension_value, count, sum_value, min_value,
         max_value, avg_value, p50, p95, p99, sketch, sketch_kind,
         exact.from_signed64(fingerprint) if fingerprint is not None else None,
-        None if sum_parts is None else struct.unpack(f"<{len(sum_parts) // 8}d", sum_parts),
+        None if sum_parts is None else _parts_of(sum_parts),
     )  # fmt: skip
 
 
@@ -324,9 +325,23 @@ def _rows_json(rows: Sequence[Row]) -> str:
         [r.bucket_ms, r.granularity, r.metric_name, r.dimension_type, r.dimension_value, r.count,
          _finite(r.sum_value), r.min_value, r.max_value, _finite(r.avg_value), r.p50_value, r.p95_value, r.p99_value,
          _base64(r.sketch), r.sketch_kind, exact.to_signed64(r.fingerprint) if r.fingerprint is not None else None,
-         None if r.sum_parts is None else _base64(struct.pack(f"<{len(r.sum_parts)}d", *r.sum_parts))]
+         None if r.sum_parts is None else _base64(_parts_bytes(r.sum_parts))]
         for r in rows
     ])  # fmt: skip
+
+
+def _parts_bytes(parts: exact.ExactSum) -> bytes:
+    """An exact sum's parts as the ``sum_parts`` columns store them: little-endian float64s."""
+    return struct.pack(f"<{len(parts)}d", *parts)
+
+
+def _parts_of(data: bytes) -> exact.ExactSum:
+    return struct.unpack(f"<{len(data) // 8}d", data)
+
+
+def _day_ms(column: str) -> str:
+    """SQL of the UTC day start, in epoch milliseconds, of the timestamptz ``column``."""
+    return f"(floor(extract(epoch FROM {column}) / 86400) * 86400000)::bigint"
 
 
 def _json(rows: list[list[Any]]) -> str:
@@ -711,8 +726,8 @@ class Store:
         PostgreSQL: no hour row comes back."""
         records = await self._fetch(
             "reading hour totals",
-            "SELECT (floor(extract(epoch FROM t.bucket_time) / 86400) * 86400000)::bigint, t.metric_name, "
-            "t.dimension_type, t.dimension_value, sum(t.count), sum(t.value_fingerprint::numeric) "
+            f"SELECT {_day_ms('t.bucket_time')}, t.metric_name, t.dimension_type, t.dimension_value, "
+            "sum(t.count), sum(t.value_fingerprint::numeric) "
             f"FROM {_SERIES_ROWS.format(granularity='hour')} GROUP BY 1, 2, 3, 4",
             to_datetime(start_ms), to_datetime(end_ms), [s[0] for s in series], [s[1] for s in series],
             [s[2] for s in series], *map(to_datetime, but), conn=conn,
@@ -789,8 +804,7 @@ class Store:
         (day start ms, metric, dimension type, dimension value): what a roll-up of the range does."""
         records = await self._fetch(
             "reading hour series",
-            "SELECT DISTINCT (floor(extract(epoch FROM bucket_time) / 86400) * 86400000)::bigint, metric_name, "
-            f"dimension_type, dimension_value FROM {TABLE} "
+            f"SELECT DISTINCT {_day_ms('bucket_time')}, metric_name, dimension_type, dimension_value FROM {TABLE} "
             "WHERE granularity = 'hour' AND bucket_time >= $1 AND bucket_time < $2",
             to_datetime(start_ms), to_datetime(end_ms),
         )  # fmt: skip
@@ -871,9 +885,9 @@ def _partial_rows(
         if agg.sketch is None:  # a count metric
             rows.append([*key, partition, agg.count, None, None, None, None, None, None, source_offset])
         else:
-            parts = struct.pack(f"<{len(agg.total)}d", *agg.total)
-            rows.append([*key, partition, agg.count, _base64(parts), agg.min, agg.max, _base64(sketch),
-                         str(agg.sketch.kind), exact.to_signed64(agg.fingerprint), source_offset])  # fmt: skip
+            rows.append([*key, partition, agg.count, _base64(_parts_bytes(agg.total)), agg.min, agg.max,
+                         _base64(sketch), str(agg.sketch.kind), exact.to_signed64(agg.fingerprint),
+                         source_offset])  # fmt: skip
     return rows
 
 
@@ -885,6 +899,5 @@ def _agg_from_partial(record: asyncpg.Record, key: Key) -> Agg:
         record["sketch_kind"], exact.from_signed64(fingerprint) if fingerprint is not None else None, key,
     )  # fmt: skip
     if agg.sketch is not None:
-        parts = record["sum_parts"] or b""
-        agg.total = exact.exact_sum(struct.unpack(f"<{len(parts) // 8}d", parts))
+        agg.total = exact.exact_sum(_parts_of(record["sum_parts"] or b""))
     return agg
