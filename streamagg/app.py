@@ -48,7 +48,7 @@ from .errors import StreamaggError
 from .lanes import in_lanes
 from .logs import count_client_errors, keep_own_lines
 from .pipeline import DeadLetter, Flushable, Pipeline, TopicPartition
-from .rollup import roll_up_owed, rollup, rollup_keys
+from .rollup import RollupHelpers, roll_up_owed, rollup, rollup_keys
 from .settings import Settings
 from .state import PartitionState, collect_less_often, decode_key
 from .store import Store, StoreError, WriteResult, key_lock_id
@@ -278,6 +278,8 @@ class Runtime:
         self._recovered: dict[TopicPartition, list[tuple[Key | None, bytes]]] | None = None
         self._last_checkpoint = time.monotonic()
         self._store: Store | None = None
+        # Processes started by run_worker before the first read (else with the first roll-up).
+        self.rollup_helpers = RollupHelpers(settings.database_url.get_secret_value(), settings.redacted_dsn())
         self._flush_lock = asyncio.Lock()
         self._closing = False  # set by close(): a flush ends after its current pass
         self._failures = 0  # flush attempts in a row that failed
@@ -623,7 +625,7 @@ class Runtime:
         pending."""
         touched, self._to_roll_up = self._to_roll_up, set()
         try:
-            self._count_rollups(await rollup_keys(store, touched))
+            self._count_rollups(await rollup_keys(store, touched, helpers=self.rollup_helpers))
             await store.rolled_up(self.instance)
         except BaseException:
             self._to_roll_up |= touched
@@ -632,7 +634,7 @@ class Runtime:
 
     async def _roll_up_owed(self, store: Store) -> None:
         """Roll up what other workers or a stopped backfill queued and did not roll up."""
-        self._count_rollups(await roll_up_owed(store, exclude=self.instance))
+        self._count_rollups(await roll_up_owed(store, exclude=self.instance, helpers=self.rollup_helpers))
 
     def _count_rollups(self, results: Mapping[str, WriteResult]) -> None:
         for granularity, result in results.items():
@@ -666,27 +668,30 @@ class Runtime:
         """01:00 UTC: the previous day, and on Mondays the previous week, from stored hours."""
         store = await self.store()
         today = bucket_start_ms(now_ms, "day")
-        await rollup(store, "day", today - DAY_MS, today)
+        await rollup(store, "day", today - DAY_MS, today, self.rollup_helpers)
         week = bucket_start_ms(now_ms, "week")
         if today == week:
-            await rollup(store, "week", week - WEEK_MS, week)
+            await rollup(store, "week", week - WEEK_MS, week, self.rollup_helpers)
 
     async def close(self) -> None:
         """At a clean stop: roll up what is pending (else the next worker to start would, from
-        the roll-up queue), then close the database pool."""
+        the roll-up queue), then close the database pool and stop the roll-up processes."""
         self._closing = True
         async with self._flush_lock:  # let a running flush finish its pass first
-            if self._store is None:
-                return
-            if self._to_roll_up:
-                log.info("rolling up the days and weeks of %d flushed hour keys before stopping", len(self._to_roll_up))
-                try:
-                    await self._roll_up(self._store)
-                except StoreError as exc:
-                    self.telemetry.errors.labels("rollup").inc()
-                    log.warning("roll-up at stop failed; the next worker to start does it (roll-up queue): %s", exc)
-            await self._store.close()
-            self._store = None
+            try:
+                if self._store is None:
+                    return
+                if self._to_roll_up:
+                    log.info("rolling up the days and weeks of %d flushed hour keys before stopping", len(self._to_roll_up))
+                    try:
+                        await self._roll_up(self._store)
+                    except StoreError as exc:
+                        self.telemetry.errors.labels("rollup").inc()
+                        log.warning("roll-up at stop failed; the next worker to start does it (roll-up queue): %s", exc)
+                await self._store.close()
+                self._store = None
+            finally:
+                await asyncio.to_thread(self.rollup_helpers.close)
 
 
 def changelog_topic(settings: Settings) -> str:
@@ -865,8 +870,10 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
     # Faust insists on a data directory even with in-memory tables: a private throwaway one.
     datadir = Path(tempfile.mkdtemp(prefix=f"streamagg-faust-{settings.app_id}-"))
     stop_limit = _StopLimit(datadir)
+    runtime = None
     try:
         app, runtime = build_app(settings, telemetry, datadir, partitions)
+        runtime.rollup_helpers.start()  # their imports overlap the recovery, not the first reads
 
         @app.on_before_shutdown.connect
         async def limit_the_stop(sender: Any, **kwargs: Any) -> None:
@@ -893,6 +900,8 @@ def run_worker(settings: Settings, verbose: int = 0) -> None:
                 raise SystemExit(1) from None
             raise
     finally:
+        if runtime is not None:
+            runtime.rollup_helpers.close()  # a stop that did not reach Runtime.close
         count_client_errors(None)
         stop_limit.cancel()
         server.shutdown()

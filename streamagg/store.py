@@ -56,6 +56,10 @@ class StoreError(StreamaggError):
         super().__init__(message)
         self.retriable = retriable
 
+    def __reduce__(self) -> tuple[type[StoreError], tuple[str, bool]]:
+        """Pickled with ``retriable`` (a roll-up helper process raises it in the worker)."""
+        return type(self), (str(self), self.retriable)
+
 
 # What a database call can raise that is not a bug of ours.
 # InternalClientError: a connection lost in the middle of a statement (PostgreSQL stopped during

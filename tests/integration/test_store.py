@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -22,9 +23,9 @@ from sketches import Kind
 from streamagg.exact import fingerprints
 from streamagg.aggregate import Agg, AggregateState, Key, Row, roll_up
 from streamagg.buckets import DAY_MS, HOUR_MS, bucket_start_ms, rfc3339, to_datetime, to_ms
-from streamagg.rollup import BACKFILL_QUEUE_TAG, roll_up_owed, rollup, rollup_keys
+from streamagg.rollup import BACKFILL_QUEUE_TAG, RollupHelpers, roll_up_owed, rollup, rollup_keys
 from streamagg.settings import Settings
-from streamagg.store import Store, WriteResult
+from streamagg.store import Store, StoreError, WriteResult
 from streamagg.errors import StateError
 from streamagg.oracle import exact_hours, exact_rollup
 from streamagg.events import validate
@@ -433,13 +434,22 @@ def test_partials_of_two_sketch_kinds_merge_unless_both_are_past_exact_mode(data
     asyncio.run(run())
 
 
-def _rollup_by_function(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int, int]:
+def _rollup_by_function(database: str, granularity: str, start: int, end: int, helpers: RollupHelpers | None = None) -> tuple[int, int, int, int]:
     async def run() -> WriteResult:
         async with await open_store(database) as store:
-            return await rollup(store, granularity, start, end)  # type: ignore[arg-type]
+            return await rollup(store, granularity, start, end, helpers)  # type: ignore[arg-type]
 
     result = asyncio.run(run())
     return result.inserted, result.updated, result.unchanged, result.deleted
+
+
+def _rollup_in_helper_processes(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int, int]:
+    """As the worker rolls up: each lane in a process of its own."""
+    helpers = RollupHelpers(database, database)
+    try:
+        return _rollup_by_function(database, granularity, start, end, helpers)
+    finally:
+        helpers.close()
 
 
 def _rollup_by_command(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int, int]:
@@ -453,7 +463,9 @@ def _rollup_by_command(database: str, granularity: str, start: int, end: int) ->
     return int(printed[1]), int(printed[2]), int(printed[3]), int(printed[4])
 
 
-@pytest.mark.parametrize("by", [_rollup_by_function, _rollup_by_command], ids=["function", "command"])
+@pytest.mark.parametrize(
+    "by", [_rollup_by_function, _rollup_in_helper_processes, _rollup_by_command], ids=["function", "helpers", "command"]
+)
 @pytest.mark.parametrize("granularity", ["day", "week"])
 def test_rollup_from_stored_hours(database: str, granularity: str, by: Callable[..., tuple[int, int, int, int]]) -> None:
     """Rows of the buckets overlapping [from, to) that hold hours, each the merge of its stored
@@ -500,6 +512,78 @@ def test_rollup_from_stored_hours(database: str, granularity: str, by: Callable[
     asyncio.run(delete_hours())
     assert by(database, granularity, start, start + 30 * HOUR_MS) == (0, 0, len(expected) - len(stale), len(stale))
     assert asyncio.run(stored()) == {key: row for key, row in expected.items() if key not in stale}
+
+
+def test_a_roll_up_helper_that_dies_fails_its_roll_up_as_retriable_and_the_next_one_works(database: str) -> None:
+    """A helper process killed (out of memory, by hand) is a retriable StoreError, as a lost
+    connection is, and new processes take the next roll-up; SIGINT and SIGTERM, which a
+    terminal or a service manager sends to the whole process group, leave them running."""
+    events = make_events(hours=3, per_hour=200, seed=25)
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    hours = state.rows()
+    helpers = RollupHelpers(database, database)
+
+    def helper_pids() -> list[int]:
+        assert helpers._executor is not None
+        return list(helpers._executor._processes)  # type: ignore[attr-defined]
+
+    def ignored(pid: int) -> set[int]:
+        status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines())
+        mask = int(status["SigIgn"], 16)
+        return {signum for signum in (signal.SIGINT, signal.SIGTERM) if mask >> (signum - 1) & 1}
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(300):
+            if condition():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError("timed out")
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.upsert_rows(hours)
+            keys = [row.key for row in hours]
+            helpers.start()
+            await until(lambda: len(helper_pids()) == helpers.processes)
+            await until(lambda: all(ignored(pid) == {signal.SIGINT, signal.SIGTERM} for pid in helper_pids()))
+            for pid in helper_pids():
+                os.kill(pid, signal.SIGINT)
+                os.kill(pid, signal.SIGTERM)
+            first = await rollup_keys(store, keys, helpers=helpers)
+            assert first["day"].inserted > 0
+            pool = helpers._executor
+            os.kill(helper_pids()[0], signal.SIGKILL)
+            await until(lambda: bool(pool._broken))  # type: ignore[union-attr]
+            with pytest.raises(StoreError) as failed:
+                await rollup_keys(store, keys, helpers=helpers)
+            assert failed.value.retriable
+            again = await rollup_keys(store, keys, helpers=helpers)
+            assert again == {g: WriteResult(unchanged=first[g].inserted) for g in ("day", "week")}
+            rows = await store.fetch_rows("day", START_MS - DAY_MS, START_MS + 2 * DAY_MS)
+            assert {row.key: stats(row) for row in rows} == {row.key: stats(row) for row in roll_up(hours, "day")}
+
+    try:
+        asyncio.run(run())
+    finally:
+        helpers.close()
+
+
+def test_a_database_error_in_a_roll_up_helper_reaches_the_worker_as_itself(database: str) -> None:
+    """A helper that cannot connect (its own connections) fails the roll-up with the StoreError
+    a roll-up in the worker's thread would raise: retriable, the password not in it."""
+    helpers = RollupHelpers("postgresql://postgres:s3cret@127.0.0.1:1/nowhere", "postgresql://postgres:***@127.0.0.1:1/nowhere")
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            with pytest.raises(StoreError, match=r"cannot connect to postgresql://postgres:\*\*\*@127.0.0.1:1/nowhere") as failed:
+                await rollup_keys(store, [(START_MS, "trace.count", None, None)], helpers=helpers)
+            assert failed.value.retriable and "s3cret" not in str(failed.value)
+
+    try:
+        asyncio.run(run())
+    finally:
+        helpers.close()
 
 
 def test_days_and_weeks_are_utc_whatever_the_server_time_zone(database: str) -> None:
