@@ -238,12 +238,31 @@ class RollupHelpers:
         return self._executor
 
 
-# A helper process's own event loop and store, kept from one lane to the next (a connection
-# belongs to the loop that opened it).
-_helper: dict[str, object] = {}
+class _Helper:
+    """A helper process's own event loop and store, kept from one lane to the next (a connection
+    belongs to the loop that opened it); the store opens with the first lane."""
+
+    def __init__(self, dsn: str, redacted_dsn: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.dsn = dsn
+        self.redacted_dsn = redacted_dsn
+        self.store: Store | None = None
+
+    def roll_up(self, work: Sequence[Batch], granularities: Sequence[Granularity]) -> dict[Granularity, WriteResult]:
+        return self.loop.run_until_complete(self._roll_up(work, granularities))
+
+    async def _roll_up(self, work: Sequence[Batch], granularities: Sequence[Granularity]) -> dict[Granularity, WriteResult]:
+        if self.store is None:
+            self.store = await Store.open(self.dsn, self.redacted_dsn, max_size=1)
+        return await _roll_up_lane(self.store, work, granularities)
+
+
+_helper: _Helper | None = None  # in a helper process: its own
 
 
 def _helper_init(dsn: str, redacted_dsn: str, level: int) -> None:
+    global _helper
+    configure_logging(verbose=int(level <= logging.DEBUG), quiet=level >= logging.WARNING)
     # A stop is the worker's to make: Ctrl-C (the process group's SIGINT) or a service manager's
     # SIGTERM to every process would end a helper before the worker's last roll-up at its
     # stop, which runs here. The worker stops them after it (RollupHelpers.close).
@@ -253,8 +272,7 @@ def _helper_init(dsn: str, redacted_dsn: str, level: int) -> None:
     # it would wait for a task for ever. It exits within a second of its worker instead (a
     # roll-up it ran is rolled back; the worker's queue in the database keeps what it owed).
     threading.Thread(target=_exit_with, args=(os.getppid(),), name="exit-with-the-worker", daemon=True).start()
-    configure_logging(verbose=int(level <= logging.DEBUG), quiet=level >= logging.WARNING)
-    _helper.update(loop=asyncio.new_event_loop(), dsn=dsn, redacted_dsn=redacted_dsn, store=None)
+    _helper = _Helper(dsn, redacted_dsn)
 
 
 def _exit_with(parent: int) -> None:
@@ -268,10 +286,8 @@ def _helper_ready() -> None:
 
 
 def _helper_lane(work: Sequence[Batch], granularities: Sequence[Granularity]) -> dict[Granularity, WriteResult]:
-    loop: asyncio.AbstractEventLoop = _helper["loop"]  # type: ignore[assignment]
-    if _helper["store"] is None:
-        _helper["store"] = loop.run_until_complete(Store.open(_helper["dsn"], _helper["redacted_dsn"], max_size=1))  # type: ignore[arg-type]
-    return loop.run_until_complete(_roll_up_lane(_helper["store"], work, granularities))  # type: ignore[arg-type]
+    assert _helper is not None, "runs in a helper process, after _helper_init"
+    return _helper.roll_up(work, granularities)
 
 
 async def roll_up_owed(store: Store, exclude: str, helpers: RollupHelpers | None = None) -> dict[Granularity, WriteResult]:
