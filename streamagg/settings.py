@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -163,6 +163,16 @@ def redact_dsn(dsn: str) -> str:
 
 
 _PASSWORD_PARAMETER = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+
+
+def without_password(text: str, dsn: str) -> str:
+    """``text`` (a client library's message about ``dsn``) with the DSN's password, as written
+    and as decoded, replaced by ``***`` wherever it appears."""
+    parts = urlsplit(dsn)
+    given = [parts.password or "", *(value for name, value in parse_qsl(parts.query) if name.lower() == "password")]
+    for secret in sorted({form for value in given if value for form in (value, unquote(value))}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:

@@ -28,6 +28,7 @@ from . import exact
 from .aggregate import Agg, Key, Row, SketchKindsMismatch
 from .buckets import Granularity, rfc3339, to_datetime, to_ms, width_ms
 from .errors import StreamaggError
+from .settings import without_password
 
 log = logging.getLogger(__name__)
 
@@ -390,9 +391,16 @@ class Store:
                 raise
         except _DB_ERRORS as exc:
             # The message names the redacted DSN only: asyncpg's own may quote the password; the
-            # server's (no such database, authentication failed) and the socket's do not.
+            # server's (no such database, authentication failed) and the socket's do not. A DSN
+            # asyncpg refuses (`sslmode=bogus`) says what is wrong, with any password taken out,
+            # and trying again cannot help.
+            misconfigured = isinstance(exc, asyncpg.ClientConfigurationError)
             said = f": {exc}" if isinstance(exc, asyncpg.PostgresError | OSError) else ""
-            raise StoreError(f"cannot connect to {redacted_dsn}: {type(exc).__name__}{said}", retriable=True) from None
+            if misconfigured:
+                said = f": {without_password(str(exc), dsn)}"
+            raise StoreError(
+                f"cannot connect to {redacted_dsn}: {type(exc).__name__}{said}", retriable=not misconfigured
+            ) from None
         return cls(pool, redacted_dsn)
 
     async def close(self) -> None:

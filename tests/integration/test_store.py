@@ -709,6 +709,15 @@ def test_connection_error_names_no_password() -> None:
     assert "hunter2" not in str(info.value) and info.value.retriable
 
 
+def test_a_dsn_the_client_refuses_says_why_without_its_password() -> None:
+    dsn = "postgresql://u:hunter%2F2@127.0.0.1:1/db?sslmode=bogus"
+    with pytest.raises(StoreError) as info:
+        asyncio.run(Store.open(dsn, Settings(database_url=dsn).redacted_dsn()))
+    message = str(info.value)
+    assert "`sslmode` parameter must be one of" in message and not info.value.retriable
+    assert "hunter" not in message and "u:***@" in message
+
+
 def test_one_transaction_over_many_keys_fits_the_lock_table(database: str) -> None:
     """Tens of thousands of keys in one write must not exhaust PostgreSQL's shared lock table
     (max_locks_per_transaction x max_connections slots)."""

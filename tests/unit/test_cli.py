@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from streamagg.buckets import rfc3339
 from streamagg.cli import TIME, main
 from streamagg.errors import ConfigError
-from streamagg.settings import load_settings, redact_dsn
+from streamagg.settings import load_settings, redact_dsn, without_password
 from streamagg.telemetry import serve
 
 
@@ -46,6 +46,13 @@ def test_other_times_are_refused_with_a_one_line_reason(text: str) -> None:
 def test_the_dsn_password_is_never_shown(dsn: str, shown: str) -> None:
     """CONTRACT section 1; a password given as a parameter was shown in a connection error."""
     assert redact_dsn(dsn) == shown
+
+
+def test_a_client_message_loses_the_dsn_password_as_written_and_as_decoded() -> None:
+    dsn = "postgresql://app:s3%2Fcret@db/metrics?password=other&sslmode=bogus"
+    said = "bad DSN postgresql://app:s3%2Fcret@db, password s3/cret or other; sslmode bogus"
+    assert without_password(said, dsn) == "bad DSN postgresql://app:***@db, password *** or ***; sslmode bogus"
+    assert without_password("nothing secret", "postgresql://db/metrics") == "nothing secret"
 
 
 def test_malformed_settings_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
