@@ -668,10 +668,13 @@ class Runtime:
         """01:00 UTC: the previous day, and on Mondays the previous week, from stored hours."""
         store = await self.store()
         today = bucket_start_ms(now_ms, "day")
-        await rollup(store, "day", today - DAY_MS, today, self.rollup_helpers)
+        # In the worker's thread, as the flush's roll-ups were before the helpers: this runs
+        # outside the flush lock, and a whole day's lanes in the helpers would hold up the
+        # flush's roll-ups (and so the flushes) behind them.
+        await rollup(store, "day", today - DAY_MS, today)
         week = bucket_start_ms(now_ms, "week")
         if today == week:
-            await rollup(store, "week", week - WEEK_MS, week, self.rollup_helpers)
+            await rollup(store, "week", week - WEEK_MS, week)
 
     async def close(self) -> None:
         """At a clean stop: roll up what is pending (else the next worker to start would, from

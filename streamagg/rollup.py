@@ -6,16 +6,15 @@ the same exact sum): see :func:`_roll_up_batch`."""
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import logging
 import multiprocessing
-import os
+import multiprocessing.connection
+import pickle
 import signal
-import threading
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 from asyncpg import Connection
 
@@ -31,6 +30,9 @@ _WRITE_BATCH = 1000
 # In the roll-up queue's queued_by of a backfill (which may remove hours; a worker never does).
 BACKFILL_QUEUE_TAG = "-backfill:"
 _LANES = 2  # batches in flight: roll-up of bench/throughput 6.0 -> 5.0 s (three runs each)
+
+
+Batch = tuple[int, int, list[Series], dict[Series, set[int]]]  # (first lock stripe, week, series, their touched days)
 
 
 def aligned_range(granularity: Granularity, start_ms: int, end_ms: int) -> tuple[int, int]:
@@ -93,9 +95,6 @@ async def rollup_keys(
         for granularity, result in lane.items():
             results[granularity] += result
     return results
-
-
-Batch = tuple[int, int, list[Series], dict[Series, set[int]]]  # (first lock stripe, week, series, their touched days)
 
 
 async def _roll_up_lane(store: Store, work: Sequence[Batch], granularities: Sequence[Granularity]) -> dict[Granularity, WriteResult]:
@@ -192,102 +191,168 @@ class RollupHelpers:
     their own: the merging, summarising and serialising of day and week rows runs on the
     machine's other core, beside the worker's thread (and PostgreSQL), not on it. The worker's
     thread only groups the keys and waits, so it reads and flushes on meanwhile. Over the
-    default input's stored hours (``bench/throughput``), two processes rolled up in 2.6 s what
-    the worker's own thread took 3.6 s for (alternated, measured).
+    default input's stored hours (``bench/throughput``), two processes rolled up in 2.5-2.6 s
+    what the worker's own thread took 3.6-3.8 s for (alternated, measured).
 
-    The processes start with the first roll-up (or :meth:`start`) and are fresh interpreters
-    (``spawn``): a fork of the worker would copy its threads' locks. A process that dies (killed,
-    out of memory) fails its roll-up as a retriable :class:`StoreError`: the keys stay queued,
-    and new processes take the next try."""
+    Each helper is a fresh interpreter (``spawn``: a fork of the worker would copy its threads'
+    locks) with a pipe of its own to the worker, and nothing else shared: a helper that dies
+    (killed, out of memory) fails the lane it ran, or the next one it is given, as a retriable
+    :class:`StoreError`, the keys stay pending, and a new process takes the next try. (A pool of
+    processes sharing one task queue was tried: a helper killed while it waited held the
+    queue's lock for good, and the other one, the pool and the worker's exit hung on it.)
+    A helper whose worker died reads the end of its pipe and exits."""
 
     def __init__(self, dsn: str, redacted_dsn: str, processes: int = _LANES) -> None:
         self.processes = processes
         self._start_args = (dsn, redacted_dsn, logging.getLogger("streamagg").getEffectiveLevel())
-        self._executor: ProcessPoolExecutor | None = None
+        self._idle: list[_HelperProcess] = []
+        self._closed = False
 
     def start(self) -> None:
-        """Start the processes now, in the background (their imports take about a second), so
+        """Start the processes now (their imports take about a second, in the background), so
         that the first roll-up does not wait for them."""
-        pool = self._pool()
-        for _ in range(self.processes):
-            pool.submit(_helper_ready)
+        while len(self._idle) < self.processes and not self._closed:
+            self._idle.append(self._spawn())
+
+    def pids(self) -> list[int]:
+        """The idle helpers' process ids."""
+        return [helper.process.pid for helper in self._idle if helper.process.pid is not None]
 
     async def roll_up(self, work: Sequence[Batch], granularities: Sequence[Granularity]) -> dict[Granularity, WriteResult]:
         """One lane of :func:`rollup_keys` in a helper process."""
-        pool = self._pool()
+        if self._closed:
+            raise StoreError("the roll-up helper processes are stopped (the worker is stopping)", retriable=True)
+        helper = self._take()
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, _helper_lane, work, granularities)
-        except BrokenProcessPool as exc:
-            if self._executor is pool:
-                self._executor = None
-                pool.shutdown(wait=False, cancel_futures=True)
-            raise StoreError(f"a roll-up helper process stopped: {exc}", retriable=True) from None
+            done, outcome = await asyncio.to_thread(helper.call, (work, granularities))
+        except (EOFError, OSError):
+            helper.kill()
+            raise StoreError(
+                f"a roll-up helper process stopped (exit code {helper.process.exitcode})", retriable=True
+            ) from None
+        except BaseException:  # cancelled (a stop, the other lane failed): killed, its transaction rolls back
+            helper.kill()
+            raise
+        if self._closed or len(self._idle) >= self.processes:
+            helper.stop()
+        else:
+            self._idle.append(helper)
+        if not done:
+            raise outcome
+        return outcome
 
     def close(self) -> None:
-        """Stop the processes once the lanes they run are done (a roll-up is a transaction)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        """Stop the idle processes (a lane still running is given no further work: its process
+        stops once it answers) and start no more."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for helper in idle:
+            helper.stop()
 
-    def _pool(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(
-                self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_helper_init,
-                initargs=self._start_args,
-            )  # fmt: skip
-        return self._executor
+    def _take(self) -> _HelperProcess:
+        """An idle helper that is alive (one that died waiting is passed over), else a new one."""
+        while self._idle:
+            helper = self._idle.pop()
+            if helper.process.is_alive():
+                return helper
+            helper.kill()  # reaps it
+        return self._spawn()
 
-
-class _Helper:
-    """A helper process's own event loop and store, kept from one lane to the next (a connection
-    belongs to the loop that opened it); the store opens with the first lane."""
-
-    def __init__(self, dsn: str, redacted_dsn: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.dsn = dsn
-        self.redacted_dsn = redacted_dsn
-        self.store: Store | None = None
-
-    def roll_up(self, work: Sequence[Batch], granularities: Sequence[Granularity]) -> dict[Granularity, WriteResult]:
-        return self.loop.run_until_complete(self._roll_up(work, granularities))
-
-    async def _roll_up(self, work: Sequence[Batch], granularities: Sequence[Granularity]) -> dict[Granularity, WriteResult]:
-        if self.store is None:
-            self.store = await Store.open(self.dsn, self.redacted_dsn, max_size=1)
-        return await _roll_up_lane(self.store, work, granularities)
+    def _spawn(self) -> _HelperProcess:
+        helper = _HelperProcess(self._start_args)
+        _every_helper.add(helper)
+        return helper
 
 
-_helper: _Helper | None = None  # in a helper process: its own
+class _HelperProcess:
+    """A helper process and the worker's end of its pipe."""
+
+    STOP_SECONDS = 10.0  # for a lane in flight to end before the process is killed
+
+    def __init__(self, start_args: tuple[str, str, int]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, theirs = context.Pipe()
+        self.process = context.Process(target=_helper_main, args=(theirs, *start_args), name="streamagg-rollup")
+        self.process.start()
+        theirs.close()  # the helper's end lives in the helper only: it reads the end of the pipe when the worker dies
+
+    def call(self, request: tuple[Sequence[Batch], Sequence[Granularity]]) -> tuple[bool, object]:
+        """(True, the lane's results) or (False, the exception it raised); blocks, in a thread."""
+        self._conn.send(request)
+        return self._conn.recv()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(None)
+        self.process.join(self.STOP_SECONDS)
+        self.kill()
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self._conn.close()
+        _every_helper.discard(self)
 
 
-def _helper_init(dsn: str, redacted_dsn: str, level: int) -> None:
-    global _helper
+# Every helper process not stopped yet: stopped at the interpreter's exit, before
+# multiprocessing's own exit handler joins them (it would wait for ever: they wait for work).
+# Exit handlers run last registered first, and multiprocessing registered its own on import.
+_every_helper: set[_HelperProcess] = set()
+
+
+@atexit.register
+def _stop_every_helper() -> None:
+    for helper in list(_every_helper):
+        helper.stop()
+
+
+def _helper_main(conn: multiprocessing.connection.Connection, dsn: str, redacted_dsn: str, level: int) -> None:
+    """A helper process: lanes in, their results (or the exception each raised) out, until the
+    worker says stop or is gone."""
     configure_logging(verbose=int(level <= logging.DEBUG), quiet=level >= logging.WARNING)
     # A stop is the worker's to make: Ctrl-C (the process group's SIGINT) or a service manager's
     # SIGTERM to every process would end a helper before the worker's last roll-up at its
     # stop, which runs here. The worker stops them after it (RollupHelpers.close).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # A worker that died (SIGKILL) never says so: a helper holds both ends of its task pipe, so
-    # it would wait for a task for ever. It exits within a second of its worker instead (a
-    # roll-up it ran is rolled back; the worker's queue in the database keeps what it owed).
-    threading.Thread(target=_exit_with, args=(os.getppid(),), name="exit-with-the-worker", daemon=True).start()
-    _helper = _Helper(dsn, redacted_dsn)
+    loop = asyncio.new_event_loop()
+    store: Store | None = None
+    try:
+        while True:
+            try:
+                request = conn.recv()
+            except EOFError:  # the worker is gone (a roll-up it ran is rolled back; its queue keeps it)
+                return
+            if request is None:
+                return
+            try:
+                if store is None:
+                    store = loop.run_until_complete(Store.open(dsn, redacted_dsn, max_size=1))
+                reply: tuple[bool, object] = (True, loop.run_until_complete(_roll_up_lane(store, *request)))
+            except Exception as exc:
+                if not isinstance(exc, StoreError):
+                    log.exception("a roll-up lane failed in its helper process")
+                reply = (False, _picklable(exc))
+            try:
+                conn.send(reply)
+            except OSError:  # the worker is gone
+                return
+    finally:
+        if store is not None:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(store.close())
+        loop.close()
 
 
-def _exit_with(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
-
-
-def _helper_ready() -> None:
-    """Nothing: a task that makes the pool start a process."""
-
-
-def _helper_lane(work: Sequence[Batch], granularities: Sequence[Granularity]) -> dict[Granularity, WriteResult]:
-    assert _helper is not None, "runs in a helper process, after _helper_init"
-    return _helper.roll_up(work, granularities)
+def _picklable(exc: Exception) -> Exception:
+    """``exc``, or, if it would not come through the pipe as itself, an exception saying what it
+    was: one that does not unpickle would break the pipe's reader, and look like a dead helper."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 async def roll_up_owed(store: Store, exclude: str, helpers: RollupHelpers | None = None) -> dict[Granularity, WriteResult]:

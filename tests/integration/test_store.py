@@ -6,12 +6,14 @@ import asyncio
 import json
 import math
 import os
+import inspect
+import multiprocessing
 import re
 import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib import resources
 
@@ -25,7 +27,7 @@ from streamagg.aggregate import Agg, AggregateState, Key, Row, roll_up
 from streamagg.buckets import DAY_MS, HOUR_MS, bucket_start_ms, rfc3339, to_datetime, to_ms
 from streamagg.rollup import BACKFILL_QUEUE_TAG, RollupHelpers, roll_up_owed, rollup, rollup_keys
 from streamagg.settings import Settings
-from streamagg.store import Store, StoreError, WriteResult
+from streamagg.store import Store, StoreError, WriteResult, series_lock_id
 from streamagg.errors import StateError
 from streamagg.oracle import exact_hours, exact_rollup
 from streamagg.events import validate
@@ -514,52 +516,71 @@ def test_rollup_from_stored_hours(database: str, granularity: str, by: Callable[
     assert asyncio.run(stored()) == {key: row for key, row in expected.items() if key not in stale}
 
 
-def test_a_roll_up_helper_that_dies_fails_its_roll_up_as_retriable_and_the_next_one_works(database: str) -> None:
-    """A helper process killed (out of memory, by hand) is a retriable StoreError, as a lost
-    connection is, and new processes take the next roll-up; SIGINT and SIGTERM, which a
-    terminal or a service manager sends to the whole process group, leave them running."""
+def _rollup_helper_processes() -> list[multiprocessing.Process]:
+    return [process for process in multiprocessing.active_children() if process.name == "streamagg-rollup"]
+
+
+async def _until(condition: Callable[[], Awaitable[bool] | bool], what: str, seconds: float = 30.0) -> None:
+    for _ in range(int(seconds * 10)):
+        done = condition()
+        if await done if inspect.isawaitable(done) else done:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_roll_up_helper_that_dies_fails_its_lane_as_retriable_and_the_other_goes_on(database: str) -> None:
+    """Helpers share nothing: one killed while idle is passed over and the other serves (a pool
+    sharing a task queue hung for good when a helper died holding its lock); one killed in a
+    lane (out of memory) fails that roll-up as a retriable StoreError, as a lost connection
+    does, and a new process takes the next. SIGINT and SIGTERM, which a terminal or a service
+    manager sends to the whole process group, leave them running. Closed, none is left."""
     events = make_events(hours=3, per_hour=200, seed=25)
     state = AggregateState(kinds(), 10_000)
     state.ingest(events)
     hours = state.rows()
+    keys = [row.key for row in hours]
     helpers = RollupHelpers(database, database)
-
-    def helper_pids() -> list[int]:
-        assert helpers._executor is not None
-        return list(helpers._executor._processes)  # type: ignore[attr-defined]
 
     def ignored(pid: int) -> set[int]:
         status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines())
         mask = int(status["SigIgn"], 16)
         return {signum for signum in (signal.SIGINT, signal.SIGTERM) if mask >> (signum - 1) & 1}
 
-    async def until(condition: Callable[[], bool]) -> None:
-        for _ in range(300):
-            if condition():
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError("timed out")
-
     async def run() -> None:
         async with await open_store(database) as store:
             await store.upsert_rows(hours)
-            keys = [row.key for row in hours]
             helpers.start()
-            await until(lambda: len(helper_pids()) == helpers.processes)
-            await until(lambda: all(ignored(pid) == {signal.SIGINT, signal.SIGTERM} for pid in helper_pids()))
-            for pid in helper_pids():
+            assert len(helpers.pids()) == helpers.processes
+            await _until(lambda: all(ignored(pid) == {signal.SIGINT, signal.SIGTERM} for pid in helpers.pids()), "SIG_IGN")
+            for pid in helpers.pids():
                 os.kill(pid, signal.SIGINT)
                 os.kill(pid, signal.SIGTERM)
             first = await rollup_keys(store, keys, helpers=helpers)
             assert first["day"].inserted > 0
-            pool = helpers._executor
-            os.kill(helper_pids()[0], signal.SIGKILL)
-            await until(lambda: bool(pool._broken))  # type: ignore[union-attr]
-            with pytest.raises(StoreError) as failed:
-                await rollup_keys(store, keys, helpers=helpers)
-            assert failed.value.retriable
-            again = await rollup_keys(store, keys, helpers=helpers)
-            assert again == {g: WriteResult(unchanged=first[g].inserted) for g in ("day", "week")}
+            unchanged = {g: WriteResult(unchanged=first[g].inserted) for g in ("day", "week")}
+
+            idle = helpers._idle[-1]  # the next to be given a lane
+            os.kill(idle.process.pid, signal.SIGKILL)
+            await _until(lambda: not idle.process.is_alive(), "the idle helper's death")
+            assert await rollup_keys(store, keys, helpers=helpers) == unchanged
+
+            # A lane held on its series' lock while its helper is killed.
+            blocker = await asyncpg.connect(database)
+            try:
+                await blocker.execute("SELECT pg_advisory_lock($1)", series_lock_id(keys[0][1:]))
+                rolling = asyncio.create_task(rollup_keys(store, keys[:1], helpers=helpers))
+                waiting = "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                await _until(lambda: blocker.fetchval(waiting), "the lane to wait for the lock")
+                busy = [p for p in _rollup_helper_processes() if p.pid not in helpers.pids()]
+                assert len(busy) == 1
+                os.kill(busy[0].pid, signal.SIGKILL)
+                with pytest.raises(StoreError, match="a roll-up helper process stopped") as failed:
+                    await rolling
+                assert failed.value.retriable
+            finally:
+                await blocker.close()
+            assert await rollup_keys(store, keys, helpers=helpers) == unchanged
             rows = await store.fetch_rows("day", START_MS - DAY_MS, START_MS + 2 * DAY_MS)
             assert {row.key: stats(row) for row in rows} == {row.key: stats(row) for row in roll_up(hours, "day")}
 
@@ -567,6 +588,33 @@ def test_a_roll_up_helper_that_dies_fails_its_roll_up_as_retriable_and_the_next_
         asyncio.run(run())
     finally:
         helpers.close()
+    assert _rollup_helper_processes() == []
+
+
+def test_roll_up_helpers_exit_with_a_worker_killed_even_as_they_start() -> None:
+    """A helper reads the end of its pipe when its worker dies, however early: killed right
+    after starting them, the worker leaves no process behind."""
+    script = (
+        "import sys, time\n"
+        "from streamagg.rollup import RollupHelpers\n"
+        "helpers = RollupHelpers('postgresql://127.0.0.1:1/none', 'postgresql://127.0.0.1:1/none')\n"
+        "helpers.start()\n"
+        "print(*helpers.pids(), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids = [int(pid) for pid in worker.stdout.readline().split()]  # type: ignore[union-attr]
+    worker.kill()
+    worker.wait()
+    assert len(pids) == 2
+
+    def gone(pid: int) -> bool:
+        try:
+            return "\nState:\tZ" in open(f"/proc/{pid}/status").read()  # a zombie, for a parent that does not reap
+        except FileNotFoundError:
+            return True
+
+    asyncio.run(_until(lambda: all(map(gone, pids)), "the helpers to exit", seconds=20))
 
 
 def test_a_database_error_in_a_roll_up_helper_reaches_the_worker_as_itself(database: str) -> None:
