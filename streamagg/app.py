@@ -534,6 +534,8 @@ class Runtime:
         """Write closed hours' partials (and the final rows); roll up their days and weeks. While
         a backlog is worked off, pass after pass: what closed meanwhile waits for no timer tick."""
         async with self._flush_lock:  # the crontab's flush may wait here for the timer's
+            if self._closing:  # waited for close(), which closed the store: nothing to reopen it for
+                return
             if time.monotonic() < self._retry_at:
                 return  # backing off after a database error (perhaps of the attempt waited for)
             self._failed_stages.clear()  # a new attempt

@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.connection
 import pickle
 import signal
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -42,17 +43,14 @@ def aligned_range(granularity: Granularity, start_ms: int, end_ms: int) -> tuple
     return first, bucket_end_ms(last, granularity)
 
 
-async def rollup(
-    store: Store, granularity: Granularity, start_ms: int, end_ms: int, helpers: RollupHelpers | None = None
-) -> WriteResult:
+async def rollup(store: Store, granularity: Granularity, start_ms: int, end_ms: int) -> WriteResult:
     """Recompute every ``granularity`` row whose bucket overlaps [start, end) and holds an hour
     row, from the stored hours (as :func:`rollup_keys`, one series batch at a time); delete the
     rows of those buckets whose series has no hour row left in them."""
     if granularity == "hour":
         raise ValueError("hour rows come from events, not from roll-ups")
     first, end = aligned_range(granularity, start_ms, end_ms)
-    keys = await store.hour_series_days(first, end)
-    result = (await rollup_keys(store, keys, (granularity,), helpers))[granularity]
+    result = (await rollup_keys(store, await store.hour_series_days(first, end), (granularity,)))[granularity]
     result += WriteResult(deleted=await store.delete_rollups_without_hours_between(granularity, first, end))
     log.info("rolled up %s rows in [%s, %s): %s", granularity, rfc3339(first), rfc3339(end), result)
     return result
@@ -87,7 +85,7 @@ async def rollup_keys(
         key=lambda batch: batch[:2],
     )
     results = {granularity: WriteResult() for granularity in granularities}
-    if helpers is None:
+    if helpers is None or not helpers.usable:
         lanes = await in_lanes(batches, _LANES, lambda work: _roll_up_lane(store, work, granularities))
     else:
         lanes = await in_lanes(batches, helpers.processes, lambda work: helpers.roll_up(work, granularities))
@@ -195,24 +193,36 @@ class RollupHelpers:
     what the worker's own thread took 3.6-3.8 s for (alternated, measured).
 
     Each helper is a fresh interpreter (``spawn``: a fork of the worker would copy its threads'
-    locks) with a pipe of its own to the worker, and nothing else shared: a helper that dies
-    (killed, out of memory) fails the lane it ran, or the next one it is given, as a retriable
-    :class:`StoreError`, the keys stay pending, and a new process takes the next try. (A pool of
-    processes sharing one task queue was tried: a helper killed while it waited held the
-    queue's lock for good, and the other one, the pool and the worker's exit hung on it.)
-    A helper whose worker died reads the end of its pipe and exits."""
+    locks) with a pipe of its own to the worker, and nothing else shared: a helper that dies in a
+    lane (killed, out of memory) fails it as a retriable :class:`StoreError`, the keys stay
+    pending, and a new process takes the next try; one that died idle is passed over. (A pool
+    of processes sharing one task queue was tried: a helper killed while it waited held the
+    queue's lock for good, and the other one, the pool and the worker's exit hung on it.) A
+    helper whose worker died reads the end of its pipe and exits. Helpers that keep stopping
+    before they answer anything (a broken install) are given up: roll-ups then run in the
+    worker's thread, as :func:`rollup_keys` without helpers does."""
+
+    GIVE_UP_AFTER = 3  # helpers in a row that stopped before their first answer
 
     def __init__(self, dsn: str, redacted_dsn: str, processes: int = _LANES) -> None:
         self.processes = processes
         self._start_args = (dsn, redacted_dsn, logging.getLogger("streamagg").getEffectiveLevel())
         self._idle: list[_HelperProcess] = []
         self._closed = False
+        self._stillborn = 0  # helpers in a row that stopped before their first answer
+
+    @property
+    def usable(self) -> bool:
+        return self._stillborn < self.GIVE_UP_AFTER
 
     def start(self) -> None:
         """Start the processes now (their imports take about a second, in the background), so
         that the first roll-up does not wait for them."""
-        while len(self._idle) < self.processes and not self._closed:
-            self._idle.append(self._spawn())
+        try:
+            while len(self._idle) < self.processes and not self._closed:
+                self._idle.append(_HelperProcess(self._start_args))
+        except OSError as exc:  # no process or pipe to be had: the first roll-up tries again
+            log.warning("cannot start the roll-up helper processes yet: %s", exc)
 
     def pids(self) -> list[int]:
         """The idle helpers' process ids."""
@@ -222,17 +232,26 @@ class RollupHelpers:
         """One lane of :func:`rollup_keys` in a helper process."""
         if self._closed:
             raise StoreError("the roll-up helper processes are stopped (the worker is stopping)", retriable=True)
-        helper = self._take()
+        try:
+            helper = self._take()
+        except OSError as exc:  # a fork, an exec or a pipe refused (out of memory, of processes, of files)
+            raise StoreError(f"cannot start a roll-up helper process: {exc}", retriable=True) from None
         try:
             done, outcome = await asyncio.to_thread(helper.call, (work, granularities))
-        except (EOFError, OSError):
-            helper.kill()
+        except (EOFError, OSError):  # it stopped: before the lane (a broken pipe) or in it
+            helper.kill(grace=1.0)  # its own exit code, if it is exiting
+            if not helper.answered:
+                self._stillborn += 1
+                if not self.usable:
+                    log.warning("roll-up helper processes keep stopping before they answer (the last with exit code "
+                                "%s): roll-ups run in the worker's thread from now on", helper.process.exitcode)  # fmt: skip
             raise StoreError(
                 f"a roll-up helper process stopped (exit code {helper.process.exitcode})", retriable=True
             ) from None
         except BaseException:  # cancelled (a stop, the other lane failed): killed, its transaction rolls back
             helper.kill()
             raise
+        self._stillborn = 0
         if self._closed or len(self._idle) >= self.processes:
             helper.stop()
         else:
@@ -242,12 +261,11 @@ class RollupHelpers:
         return outcome
 
     def close(self) -> None:
-        """Stop the idle processes (a lane still running is given no further work: its process
-        stops once it answers) and start no more."""
+        """Stop the idle processes (none runs a lane while the worker stops: the roll-ups and
+        the stop hold its flush lock) and start no more."""
         self._closed = True
         idle, self._idle = self._idle, []
-        for helper in idle:
-            helper.stop()
+        _stop(idle)
 
     def _take(self) -> _HelperProcess:
         """An idle helper that is alive (one that died waiting is passed over), else a new one."""
@@ -256,43 +274,76 @@ class RollupHelpers:
             if helper.process.is_alive():
                 return helper
             helper.kill()  # reaps it
-        return self._spawn()
-
-    def _spawn(self) -> _HelperProcess:
-        helper = _HelperProcess(self._start_args)
-        _every_helper.add(helper)
-        return helper
+        return _HelperProcess(self._start_args)
 
 
 class _HelperProcess:
     """A helper process and the worker's end of its pipe."""
 
-    STOP_SECONDS = 10.0  # for a lane in flight to end before the process is killed
-
     def __init__(self, start_args: tuple[str, str, int]) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, theirs = context.Pipe()
-        self.process = context.Process(target=_helper_main, args=(theirs, *start_args), name="streamagg-rollup")
-        self.process.start()
-        theirs.close()  # the helper's end lives in the helper only: it reads the end of the pipe when the worker dies
+        try:
+            self.process = context.Process(target=_helper_main, args=(theirs, *start_args), name="streamagg-rollup")
+            self.process.start()
+        except BaseException:
+            self._conn.close()
+            raise
+        finally:
+            theirs.close()  # the helper's end lives in the helper only: it reads the end of the pipe when the worker dies
+        self.answered = False
+        self._calling = False
+        _every_helper.add(self)
 
     def call(self, request: tuple[Sequence[Batch], Sequence[Granularity]]) -> tuple[bool, object]:
-        """(True, the lane's results) or (False, the exception it raised); blocks, in a thread."""
-        self._conn.send(request)
-        return self._conn.recv()
+        """(True, the lane's results) or (False, the exception it raised); blocks, in a thread.
+        A pipe that fails is closed here, by the one thread using it (:meth:`kill` leaves it)."""
+        self._calling = True
+        try:
+            self._conn.send(request)
+            reply = self._conn.recv()
+        except BaseException:
+            self._conn.close()
+            raise
+        finally:
+            self._calling = False
+        self.answered = True
+        return reply
 
-    def stop(self) -> None:
+    def ask_to_stop(self) -> None:
         with contextlib.suppress(OSError):
             self._conn.send(None)
-        self.process.join(self.STOP_SECONDS)
+
+    def stop(self, deadline: float | None = None) -> None:
+        """Ask, wait until ``deadline`` (monotonic; default STOP_SECONDS from now), then kill."""
+        self.ask_to_stop()
+        deadline = time.monotonic() + STOP_SECONDS if deadline is None else deadline
+        self.process.join(max(0.0, deadline - time.monotonic()))
         self.kill()
 
-    def kill(self) -> None:
+    def kill(self, grace: float = 0.0) -> None:
+        """Kill the process unless it exits within ``grace`` seconds; reap it."""
+        if grace:
+            self.process.join(grace)
         if self.process.is_alive():
             self.process.kill()
         self.process.join()
-        self._conn.close()
+        if not self._calling:
+            self._conn.close()
         _every_helper.discard(self)
+
+
+STOP_SECONDS = 10.0  # for stopping helpers: they close their connections, then are killed
+
+
+def _stop(helpers: Iterable[_HelperProcess]) -> None:
+    """Stop helpers together, against one deadline."""
+    helpers = list(helpers)
+    for helper in helpers:
+        helper.ask_to_stop()
+    deadline = time.monotonic() + STOP_SECONDS
+    for helper in helpers:
+        helper.stop(deadline)
 
 
 # Every helper process not stopped yet: stopped at the interpreter's exit, before
@@ -303,8 +354,7 @@ _every_helper: set[_HelperProcess] = set()
 
 @atexit.register
 def _stop_every_helper() -> None:
-    for helper in list(_every_helper):
-        helper.stop()
+    _stop(_every_helper)
 
 
 def _helper_main(conn: multiprocessing.connection.Connection, dsn: str, redacted_dsn: str, level: int) -> None:
@@ -322,7 +372,7 @@ def _helper_main(conn: multiprocessing.connection.Connection, dsn: str, redacted
         while True:
             try:
                 request = conn.recv()
-            except EOFError:  # the worker is gone (a roll-up it ran is rolled back; its queue keeps it)
+            except (EOFError, OSError):  # the worker is gone
                 return
             if request is None:
                 return
@@ -339,9 +389,9 @@ def _helper_main(conn: multiprocessing.connection.Connection, dsn: str, redacted
             except OSError:  # the worker is gone
                 return
     finally:
-        if store is not None:
+        if store is not None:  # its connection closed (or, past a few seconds, dropped with the process)
             with contextlib.suppress(Exception):
-                loop.run_until_complete(store.close())
+                loop.run_until_complete(asyncio.wait_for(store.close(), STOP_SECONDS / 2))
         loop.close()
 
 

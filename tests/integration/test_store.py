@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -436,22 +437,13 @@ def test_partials_of_two_sketch_kinds_merge_unless_both_are_past_exact_mode(data
     asyncio.run(run())
 
 
-def _rollup_by_function(database: str, granularity: str, start: int, end: int, helpers: RollupHelpers | None = None) -> tuple[int, int, int, int]:
+def _rollup_by_function(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int, int]:
     async def run() -> WriteResult:
         async with await open_store(database) as store:
-            return await rollup(store, granularity, start, end, helpers)  # type: ignore[arg-type]
+            return await rollup(store, granularity, start, end)  # type: ignore[arg-type]
 
     result = asyncio.run(run())
     return result.inserted, result.updated, result.unchanged, result.deleted
-
-
-def _rollup_in_helper_processes(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int, int]:
-    """As the worker rolls up: each lane in a process of its own."""
-    helpers = RollupHelpers(database, database)
-    try:
-        return _rollup_by_function(database, granularity, start, end, helpers)
-    finally:
-        helpers.close()
 
 
 def _rollup_by_command(database: str, granularity: str, start: int, end: int) -> tuple[int, int, int, int]:
@@ -465,9 +457,7 @@ def _rollup_by_command(database: str, granularity: str, start: int, end: int) ->
     return int(printed[1]), int(printed[2]), int(printed[3]), int(printed[4])
 
 
-@pytest.mark.parametrize(
-    "by", [_rollup_by_function, _rollup_in_helper_processes, _rollup_by_command], ids=["function", "helpers", "command"]
-)
+@pytest.mark.parametrize("by", [_rollup_by_function, _rollup_by_command], ids=["function", "command"])
 @pytest.mark.parametrize("granularity", ["day", "week"])
 def test_rollup_from_stored_hours(database: str, granularity: str, by: Callable[..., tuple[int, int, int, int]]) -> None:
     """Rows of the buckets overlapping [from, to) that hold hours, each the merge of its stored
@@ -570,7 +560,8 @@ def test_a_roll_up_helper_that_dies_fails_its_lane_as_retriable_and_the_other_go
             try:
                 await blocker.execute("SELECT pg_advisory_lock($1)", series_lock_id(keys[0][1:]))
                 rolling = asyncio.create_task(rollup_keys(store, keys[:1], helpers=helpers))
-                waiting = "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                waiting = ("SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                           "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
                 await _until(lambda: blocker.fetchval(waiting), "the lane to wait for the lock")
                 busy = [p for p in _rollup_helper_processes() if p.pid not in helpers.pids()]
                 assert len(busy) == 1
@@ -602,19 +593,52 @@ def test_roll_up_helpers_exit_with_a_worker_killed_even_as_they_start() -> None:
         "print(*helpers.pids(), flush=True)\n"
         "time.sleep(600)\n"
     )
-    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    pids = [int(pid) for pid in worker.stdout.readline().split()]  # type: ignore[union-attr]
-    worker.kill()
-    worker.wait()
-    assert len(pids) == 2
-
     def gone(pid: int) -> bool:
         try:
             return "\nState:\tZ" in open(f"/proc/{pid}/status").read()  # a zombie, for a parent that does not reap
         except FileNotFoundError:
             return True
 
-    asyncio.run(_until(lambda: all(map(gone, pids)), "the helpers to exit", seconds=20))
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as worker:
+        pids = [int(pid) for pid in worker.stdout.readline().split()]  # type: ignore[union-attr]
+        worker.kill()
+    assert len(pids) == 2
+    try:
+        asyncio.run(_until(lambda: all(map(gone, pids)), "the helpers to exit", seconds=20))
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_roll_up_helpers_that_keep_stopping_before_they_answer_are_given_up(database: str) -> None:
+    """A helper that cannot start (here its logging level is not one; a broken install would do
+    the same) fails its roll-up as retriable; after GIVE_UP_AFTER in a row, roll-ups run in the
+    caller's thread rather than never again."""
+    events = make_events(hours=1, per_hour=40, seed=26)
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(events)
+    hours = state.rows()
+    keys = [row.key for row in hours]
+    helpers = RollupHelpers(database, database)
+    helpers._start_args = (database, database, "not a level")  # type: ignore[assignment]
+
+    async def run() -> None:
+        async with await open_store(database) as store:
+            await store.upsert_rows(hours)
+            for _ in range(RollupHelpers.GIVE_UP_AFTER):
+                assert helpers.usable
+                with pytest.raises(StoreError, match=r"a roll-up helper process stopped \(exit code 1\)"):
+                    await rollup_keys(store, keys, helpers=helpers)
+            assert not helpers.usable
+            result = await rollup_keys(store, keys, helpers=helpers)
+            assert result["day"] == WriteResult(inserted=len(roll_up(hours, "day")))
+
+    try:
+        asyncio.run(run())
+    finally:
+        helpers.close()
+    assert _rollup_helper_processes() == []
 
 
 def test_a_database_error_in_a_roll_up_helper_reaches_the_worker_as_itself(database: str) -> None:
