@@ -506,6 +506,12 @@ def test_rollup_from_stored_hours(database: str, granularity: str, by: Callable[
     assert asyncio.run(stored()) == {key: row for key, row in expected.items() if key not in stale}
 
 
+def _hour_rows(hours: int, per_hour: int, seed: int) -> list[Row]:
+    state = AggregateState(kinds(), 10_000)
+    state.ingest(make_events(hours=hours, per_hour=per_hour, seed=seed))
+    return state.rows()
+
+
 def _rollup_helper_processes() -> list[multiprocessing.Process]:
     return [process for process in multiprocessing.active_children() if process.name == "streamagg-rollup"]
 
@@ -525,10 +531,7 @@ def test_a_roll_up_helper_that_dies_fails_its_lane_as_retriable_and_the_other_go
     lane (out of memory) fails that roll-up as a retriable StoreError, as a lost connection
     does, and a new process takes the next. SIGINT and SIGTERM, which a terminal or a service
     manager sends to the whole process group, leave them running. Closed, none is left."""
-    events = make_events(hours=3, per_hour=200, seed=25)
-    state = AggregateState(kinds(), 10_000)
-    state.ingest(events)
-    hours = state.rows()
+    hours = _hour_rows(hours=3, per_hour=200, seed=25)
     keys = [row.key for row in hours]
     helpers = RollupHelpers(database, database)
 
@@ -615,10 +618,7 @@ def test_roll_up_helpers_that_keep_stopping_before_they_answer_are_given_up(data
     """A helper that cannot start (here its logging level is not one; a broken install would do
     the same) fails its roll-up as retriable; after GIVE_UP_AFTER in a row, roll-ups run in the
     caller's thread rather than never again."""
-    events = make_events(hours=1, per_hour=40, seed=26)
-    state = AggregateState(kinds(), 10_000)
-    state.ingest(events)
-    hours = state.rows()
+    hours = _hour_rows(hours=1, per_hour=40, seed=26)
     keys = [row.key for row in hours]
     helpers = RollupHelpers(database, database)
     helpers._start_args = (database, database, "not a level")  # type: ignore[assignment]
