@@ -314,12 +314,8 @@ class _HelperProcess:
         with contextlib.suppress(OSError):
             self._conn.send(None)
 
-    def stop(self, deadline: float | None = None) -> None:
-        """Ask, wait until ``deadline`` (monotonic; default STOP_SECONDS from now), then kill."""
-        self.ask_to_stop()
-        deadline = time.monotonic() + STOP_SECONDS if deadline is None else deadline
-        self.process.join(max(0.0, deadline - time.monotonic()))
-        self.kill()
+    def stop(self) -> None:
+        _stop([self])
 
     def kill(self, grace: float = 0.0) -> None:
         """Kill the process unless it exits within ``grace`` seconds; reap it."""
@@ -343,7 +339,7 @@ def _stop(helpers: Iterable[_HelperProcess]) -> None:
         helper.ask_to_stop()
     deadline = time.monotonic() + STOP_SECONDS
     for helper in helpers:
-        helper.stop(deadline)
+        helper.kill(grace=max(0.0, deadline - time.monotonic()))
 
 
 # Every helper process not stopped yet: stopped at the interpreter's exit, before
