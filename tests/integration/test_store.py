@@ -588,21 +588,22 @@ def test_a_roll_up_helper_that_dies_fails_its_lane_as_retriable_and_the_other_go
 def test_roll_up_helpers_exit_with_a_worker_killed_even_as_they_start() -> None:
     """A helper reads the end of its pipe when its worker dies, however early: killed right
     after starting them, the worker leaves no process behind."""
-    script = (
-        "import sys, time\n"
+    script = (  # a stand-in worker: starts its helpers, says their pids, waits (on its stdin) to be killed
+        "import sys\n"
         "from streamagg.rollup import RollupHelpers\n"
         "helpers = RollupHelpers('postgresql://127.0.0.1:1/none', 'postgresql://127.0.0.1:1/none')\n"
         "helpers.start()\n"
         "print(*helpers.pids(), flush=True)\n"
-        "time.sleep(600)\n"
+        "sys.stdin.read()\n"
     )
+
     def gone(pid: int) -> bool:
         try:
             return "\nState:\tZ" in open(f"/proc/{pid}/status").read()  # a zombie, for a parent that does not reap
         except FileNotFoundError:
             return True
 
-    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as worker:
+    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as worker:
         pids = [int(pid) for pid in worker.stdout.readline().split()]  # type: ignore[union-attr]
         worker.kill()
     assert len(pids) == 2
