@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -516,13 +517,16 @@ def _rollup_helper_processes() -> list[multiprocessing.Process]:
     return [process for process in multiprocessing.active_children() if process.name == "streamagg-rollup"]
 
 
-async def _until(condition: Callable[[], Awaitable[bool] | bool], what: str, seconds: float = 30.0) -> None:
-    for _ in range(int(seconds * 10)):
+async def _until(condition: Callable[[], Awaitable[object] | object], what: str, seconds: float = 30.0) -> None:
+    """Poll ``condition`` (or the awaitable it returns) until it is true, for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
         done = condition()
         if await done if inspect.isawaitable(done) else done:
             return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def test_a_roll_up_helper_that_dies_fails_its_lane_as_retriable_and_the_other_goes_on(database: str) -> None:
@@ -563,9 +567,7 @@ def test_a_roll_up_helper_that_dies_fails_its_lane_as_retriable_and_the_other_go
             try:
                 await blocker.execute("SELECT pg_advisory_lock($1)", series_lock_id(keys[0][1:]))
                 rolling = asyncio.create_task(rollup_keys(store, keys[:1], helpers=helpers))
-                waiting = ("SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
-                           "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
-                await _until(lambda: blocker.fetchval(waiting), "the lane to wait for the lock")
+                await wait_for_lock_waiters(store)
                 busy = [p for p in _rollup_helper_processes() if p.pid not in helpers.pids()]
                 assert len(busy) == 1
                 os.kill(busy[0].pid, signal.SIGKILL)
@@ -765,12 +767,10 @@ def test_flushed_hours_wait_in_the_roll_up_queue_until_rolled_up(database: str) 
 
 
 async def wait_for_lock_waiters(store: Store, deadline_s: float = 10.0) -> None:
-    """Until some transaction waits for an advisory lock (the test's deadline otherwise)."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + deadline_s
-    while not (await store._fetch("pg_locks", "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")):
-        assert loop.time() < until, "no transaction ever waited for the roll-up locks"
-        await asyncio.sleep(0.01)
+    """Until some transaction of the store's database waits for an advisory lock."""
+    waiting = ("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+               "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")  # fmt: skip
+    await _until(lambda: store._fetch("pg_locks", waiting), "a transaction waiting for the roll-up locks", deadline_s)
 
 
 def test_connection_error_names_no_password() -> None:
