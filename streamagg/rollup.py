@@ -252,10 +252,7 @@ class RollupHelpers:
             helper.kill()
             raise
         self._stillborn = 0
-        if self._closed or len(self._idle) >= self.processes:
-            helper.stop()
-        else:
-            self._idle.append(helper)
+        self._idle.append(helper)  # (lanes run under the flush lock, as close() does: never after it)
         if not done:
             raise outcome
         return outcome
@@ -313,9 +310,6 @@ class _HelperProcess:
     def ask_to_stop(self) -> None:
         with contextlib.suppress(OSError):
             self._conn.send(None)
-
-    def stop(self) -> None:
-        _stop([self])
 
     def kill(self, grace: float = 0.0) -> None:
         """Kill the process unless it exits within ``grace`` seconds; reap it."""
