@@ -105,6 +105,7 @@ _COLUMNS = (
     "bucket_time, granularity, metric_name, dimension_type, dimension_value, count, sum_value, min_value, "
     "max_value, avg_value, p50_value, p95_value, p99_value, sketch, sketch_kind, value_fingerprint, sum_parts"
 )
+_KEY_COLUMNS = "bucket_time, metric_name, dimension_type, dimension_value"  # of both tables' keys, less granularity and partition
 _T_COLUMNS = ", ".join("t." + c.strip() for c in _COLUMNS.split(","))
 
 
@@ -666,8 +667,15 @@ class Store:
         """Refresh the planner's statistics of the final rows and the partials after a bulk write
         (a backfill, a worker's first flushes): planned on a near-empty table's statistics, every
         roll-up batch scanned the whole table (measured: 0.6 s instead of 20 ms a batch, until
-        autovacuum got to it)."""
-        await self._execute("analyze", f"ANALYZE {TABLE}, {PARTIALS}")
+        autovacuum got to it).
+
+        Only the key columns, which the planner's estimates of those lookups read: the value
+        columns (sketches above all) cost half of its time, 240 -> 140 ms over bench/throughput's
+        rows (measured). A column list also leaves the tables' counts of changed rows as they
+        were, so autovacuum's full analyze still comes."""
+        await self._execute(
+            "analyze", f"ANALYZE {TABLE} (granularity, {_KEY_COLUMNS}), {PARTIALS} ({_KEY_COLUMNS}, source_partition)"
+        )
 
     # -- reads -------------------------------------------------------------------------------
     async def stored_hour_keys(self, start_ms: int, end_ms: int) -> tuple[set[Key], set[tuple[Key, int]]]:
