@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     with prefilled("bench", args.events, args.hours, args.seed, err, args.keep) as (settings, _, expected):
         err.print("baseline: plain aiokafka consumer, read + json.loads ...")
         baseline_seconds = asyncio.run(plain_consumer(settings, total))
-        err.print("streamagg: one worker process, first read to last hour row committed ...")
+        err.print("streamagg: one worker process, first read to the last hour, day and week row committed ...")
         worker_seconds = worker_end_to_end(settings, total, expected, err, args.profile)
     baseline_rate = total / baseline_seconds
     worker_rate = total / worker_seconds
