@@ -143,6 +143,9 @@ HOLE_RESEEK_MS = 2000
 HOLE_ATTEMPTS = 3
 # A partition whose log end stays ahead of its last event this many idle periods is idle anyway.
 STALLED_IDLE_FACTOR = 10
+# A backlog read to its end (its newest event at least an idle period old on the wall clock) is
+# idle after this share of an idle period without an event (PartitionState.is_idle).
+BACKLOG_IDLE_SHARE = 4
 _BEFORE_EVERY_HOUR = -(1 << 62)  # epoch ms before any event time
 # The memory gauge looks at this many aggregates of a partition, at most this often.
 MEMORY_SAMPLE = 1_000
@@ -419,17 +422,33 @@ class PartitionState:
         return horizon
 
     def is_idle(self, idle_ms: int) -> bool:
-        """No event for ``idle_ms`` and nothing left to read. A partition with unread records is
-        not idle however long its last event was: a worker behind on a backlog fetches some
-        partitions seconds apart, and closing their hours early wrote each hour again and
-        again, once per fetch that brought more of it. Without a known log end (before the
-        first fetch), the wall clock alone decides, and so it does after STALLED_IDLE_FACTOR
-        times ``idle_ms``: a log may end in offsets no consumer is given (a transactional
-        producer's commit markers)."""
-        quiet = self._clock() - self.last_event_at
-        if quiet < idle_ms:
-            return False
-        return self.unread in (None, 0) or quiet >= STALLED_IDLE_FACTOR * idle_ms
+        """No event for ``idle_ms`` and nothing left to read; or a backlog read to its end: nothing
+        left to read, its newest event at least ``idle_ms`` old on the wall clock, and no event
+        for ``idle_ms / BACKLOG_IDLE_SHARE``.
+
+        A partition with unread records is not idle however long its last event was: a worker
+        behind on a backlog fetches some partitions seconds apart, and closing their hours early
+        wrote each hour again and again, once per fetch that brought more of it. Without a known
+        log end (before the first fetch), the wall clock alone decides, and so it does after
+        STALLED_IDLE_FACTOR times ``idle_ms``: a log may end in offsets no consumer is given (a
+        transactional producer's commit markers).
+
+        A backlog's last hour closes on the wall clock only when idle: with the whole idle time
+        it waited two flush intervals after its last record (bench/throughput: 17,042 -> 18,855
+        events/s, three alternated pairs). A live producer's newest event is not that old, so it
+        waits the whole idle time as before; one whose events lag the wall clock by more than the
+        grace (an hour is closed on the wall clock only once its end plus the grace passed) may
+        see an hour closed before its last events, which update it as late events do."""
+        now = self._clock()
+        quiet = now - self.last_event_at
+        if quiet >= idle_ms:
+            return self.unread in (None, 0) or quiet >= STALLED_IDLE_FACTOR * idle_ms
+        return (
+            self.unread == 0
+            and quiet * BACKLOG_IDLE_SHARE >= idle_ms
+            and self.watermark_ms is not None
+            and now - self.watermark_ms >= idle_ms
+        )
 
     @property
     def settled(self) -> bool:

@@ -13,6 +13,7 @@ from streamagg.errors import StateError
 from streamagg.state import (
     MEMORY_REFRESH_MS,
     MEMORY_SAMPLE,
+    BACKLOG_IDLE_SHARE,
     STALLED_IDLE_FACTOR,
     Checkpoint,
     PartitionState,
@@ -210,6 +211,38 @@ def test_a_partition_with_records_left_to_read_is_not_idle() -> None:
     assert state.take_flushable(grace, idle_ms=idle) == []  # just read: not idle yet
     clock.now += idle
     assert {key[0] for key, _ in state.take_flushable(grace, idle_ms=idle)} == {START_MS}
+
+
+def test_a_backlog_read_to_its_end_is_idle_sooner_than_a_live_partition() -> None:
+    """Read to its end, a partition whose newest event is at least the idle time old on the wall
+    clock (a backlog) is idle after a share of the idle time without events; one whose newest
+    event is recent (a live producer) only after the whole idle time."""
+    grace, idle = 300_000, 60_000
+    events = [e for e in make_events(hours=1, per_hour=50, seed=9) if e.time_ms < START_MS + HOUR_MS]
+    clock = Clock(START_MS + 2 * HOUR_MS)  # a backlog: its hour ended an hour ago
+    backlog = new_state(clock)
+    backlog.ingest(list(enumerate(events)), LATENESS_MS)
+    backlog.end_offset = len(events)
+    assert backlog.unread == 0
+    assert backlog.take_flushable(grace, idle_ms=idle) == []  # just read
+    clock.now += idle // BACKLOG_IDLE_SHARE - 1
+    assert backlog.take_flushable(grace, idle_ms=idle) == []
+    clock.now += 1
+    assert {key[0] for key, _ in backlog.take_flushable(grace, idle_ms=idle)} == {START_MS}
+
+    # Live: the newest event (of the next hour) 25 s old when read; the first hour's end plus the
+    # grace passed on the wall clock, not in the watermark.
+    newest = START_MS + HOUR_MS + grace - 20_000
+    next_hour = events[0].__class__(events[0].kind, newest, events[0].fields)
+    clock = Clock(newest + 25_000)
+    live = new_state(clock)
+    live.ingest([*enumerate(events), (len(events), next_hour)], LATENESS_MS)
+    live.end_offset = len(events) + 1
+    clock.now += idle // BACKLOG_IDLE_SHARE
+    assert live.unread == 0 and clock.now > START_MS + HOUR_MS + grace
+    assert live.take_flushable(grace, idle_ms=idle) == []  # its newest event is 40 s old
+    clock.now += idle - idle // BACKLOG_IDLE_SHARE
+    assert {key[0] for key, _ in live.take_flushable(grace, idle_ms=idle)} == {START_MS}
 
 
 def test_settled_means_read_to_the_end_with_everything_written() -> None:
